@@ -1,0 +1,16 @@
+"""simple-generation: batched, ordered, exact text generation over HuggingFace checkpoints."""
+
+from .config import DefaultGenerationConfig
+from .generator import SimpleGenerator
+from .loading import ModelLoadError
+from .results import RunSummary
+from .scheduling import BatchGenerationError
+
+__all__ = [
+    "BatchGenerationError",
+    "DefaultGenerationConfig",
+    "ModelLoadError",
+    "RunSummary",
+    "SimpleGenerator",
+]
+__version__ = "0.3.0"

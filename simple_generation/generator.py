@@ -1,0 +1,249 @@
+"""The ``SimpleGenerator`` façade: load once, then generate for lists of prompts."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import DefaultGenerationConfig, build_generation_config, split_generation_kwargs
+from .engine import HFEngine
+from .loading import (
+    context_length,
+    default_device,
+    load_config,
+    load_model,
+    load_tokenizer,
+    normalize_dtype_kwargs,
+)
+from .results import RunSummary
+from .scheduling import BatchRunner, length_order, resolve_batch_size
+
+logger = logging.getLogger("simple_generation")
+
+_TOKENIZER_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
+
+
+class SimpleGenerator:
+    """Load a HuggingFace checkpoint once and generate for lists of prompts, batched and in order.
+
+    Any keyword not listed here goes to ``from_pretrained`` (``dtype``/``torch_dtype``, ``device_map``,
+    ``trust_remote_code``, ``revision``, ...).
+
+    Example:
+        >>> from simple_generation import SimpleGenerator
+        >>> gen = SimpleGenerator("gpt2")                                          # doctest: +SKIP
+        >>> gen(["Hello, my name is"], max_new_tokens=8, temperature=0)           # doctest: +SKIP
+        ['Hello, my name is ...']
+
+    Args:
+        model_name_or_path: hub id or local folder of an ``AutoModelForCausalLM`` or
+            ``AutoModelForSeq2SeqLM`` checkpoint.
+        tokenizer_name_or_path: where the tokenizer lives, when not beside the model.
+        device: move the model there (``"cuda:1"``, ``"cpu"``, ...). With neither ``device`` nor
+            ``device_map``, the accelerator is used when there is one, else the CPU.
+        generation_defaults: replaces :class:`DefaultGenerationConfig` for every call.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        tokenizer_name_or_path: str | None = None,
+        device: str | torch.device | None = None,
+        generation_defaults: DefaultGenerationConfig | None = None,
+        **model_kwargs: Any,
+    ):
+        model_kwargs = normalize_dtype_kwargs(model_kwargs)
+        self.model_name_or_path = str(model_name_or_path)
+        self.config = load_config(model_name_or_path, **model_kwargs)
+        self.is_encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
+
+        tokenizer_kwargs = {k: model_kwargs[k] for k in _TOKENIZER_KWARGS if k in model_kwargs}
+        if "gguf_file" in model_kwargs and tokenizer_name_or_path is None:
+            tokenizer_kwargs["gguf_file"] = model_kwargs["gguf_file"]
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path, **tokenizer_kwargs)
+
+        if device is not None and "device_map" in model_kwargs:
+            raise ValueError("Pass either `device` or `device_map`, not both.")
+        self.model = load_model(model_name_or_path, self.config, **model_kwargs)
+        if "device_map" not in model_kwargs:
+            target = torch.device(device) if device is not None else default_device()
+            self.model.to(target)
+        self.placement = str(getattr(self.model, "hf_device_map", None) or self.model.device)
+
+        self.defaults = generation_defaults or DefaultGenerationConfig()
+        self.engine = HFEngine(self.model, self.tokenizer, self.is_encoder_decoder)
+        self.context_length = context_length(self.model)
+        self._forward_params = set(inspect.signature(self.model.forward).parameters)
+        self.last_run = RunSummary()
+        logger.info(
+            "Loaded %s as %s (dtype %s) on %s.",
+            self.model_name_or_path, type(self.model).__name__, self.model.dtype, self.placement,
+        )
+
+    # ------------------------------------------------------------------ inputs
+    @staticmethod
+    def _validate_texts(texts: Any) -> list[str]:
+        if isinstance(texts, str):
+            return [texts]
+        if not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}.")
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"texts[{index}] is a {type(text).__name__}, not a string; every prompt must be a str."
+                )
+        return list(texts)
+
+    def _tokenize(self, prompts: list[str], max_new_tokens: int, truncate: bool) -> list[list[int]]:
+        token_ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        limit = self.context_length
+        if limit is None:
+            return token_ids
+        room = limit if self.is_encoder_decoder else limit - max_new_tokens
+        too_long = [i for i, ids in enumerate(token_ids) if len(ids) > limit]
+        if too_long and not truncate:
+            first = too_long[0]
+            raise ValueError(
+                f"{len(too_long)} prompt(s) are longer than the model's context of {limit} tokens "
+                f"(prompt {first} has {len(token_ids[first])} tokens). Shorten them, or pass "
+                "truncate_prompts=True to keep the end of each prompt."
+            )
+        if truncate:
+            if room < 1:
+                raise ValueError(
+                    f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context "
+                    f"of {limit} tokens; lower max_new_tokens."
+                )
+            bos = self.tokenizer.bos_token_id
+            for i, ids in enumerate(token_ids):
+                if len(ids) > room:
+                    keep_bos = bos is not None and ids[0] == bos
+                    token_ids[i] = ([bos] if keep_bos else []) + ids[len(ids) - room + int(keep_bos):]
+        elif not self.is_encoder_decoder:
+            overflow = [i for i, ids in enumerate(token_ids) if len(ids) + max_new_tokens > limit]
+            if overflow:
+                logger.warning(
+                    "%d prompt(s) plus max_new_tokens=%d exceed the model's context of %d tokens; "
+                    "their answers may be cut or degrade.", len(overflow), max_new_tokens, limit,
+                )
+        return token_ids
+
+    # ------------------------------------------------------------------ outputs
+    def _eos_ids(self, generation_config) -> set[int]:
+        eos = generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+    def _trim(self, tokens: list[int], eos_ids: set[int], start_id: int | None) -> list[int]:
+        """Drop the decoder start token and everything after the first EOS (padding)."""
+        if self.is_encoder_decoder and tokens and start_id is not None and tokens[0] == start_id:
+            tokens = tokens[1:]
+        for position, token in enumerate(tokens):
+            if token in eos_ids:
+                return tokens[: position + 1]
+        return tokens
+
+    # ------------------------------------------------------------------ call
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int | str = "auto",
+        starting_batch_size: int = 256,
+        skip_prompt: bool = False,
+        show_progress_bar: bool = True,
+        log_batch_sample: int = -1,
+        sort_prompts_by_length: bool = True,
+        truncate_prompts: bool = False,
+        **generation_kwargs: Any,
+    ) -> list[str] | list[list[str]]:
+        """Generate one answer per prompt, in input order.
+
+        Args:
+            texts: a prompt or a list of prompts.
+            batch_size: an integer, or ``"auto"`` to start at ``starting_batch_size`` and halve on
+                out-of-memory (finished batches are kept).
+            skip_prompt: return only the continuation (causal models; seq2seq never echo the prompt).
+            log_batch_sample: log one decoded answer every ``n`` batches (``-1``: never).
+            sort_prompts_by_length: batch prompts of similar length together (results stay in order).
+            truncate_prompts: keep the end of prompts longer than the context instead of raising.
+            **generation_kwargs: any ``GenerationConfig`` field or ``model.generate`` argument.
+
+        Returns:
+            ``list[str]``; with ``num_return_sequences=k > 1``, a list of ``k`` answers per prompt.
+
+        Example:
+            >>> gen(["Tell me what's 2 + 2."], max_new_tokens=32, skip_prompt=True)   # doctest: +SKIP
+        """
+        prompts = self._validate_texts(texts)
+        if not prompts:
+            self.last_run = RunSummary()
+            return []
+        config_kwargs, call_kwargs = split_generation_kwargs(generation_kwargs, self._forward_params)
+        generation_config = build_generation_config(
+            self.model.generation_config, self.defaults, config_kwargs, self.tokenizer.pad_token_id
+        )
+        size, auto = resolve_batch_size(batch_size, starting_batch_size, len(prompts))
+        token_ids = self._tokenize(prompts, generation_config.max_new_tokens, truncate_prompts)
+        return self._generate(
+            token_ids, generation_config, call_kwargs, size, auto, skip_prompt, show_progress_bar,
+            log_batch_sample, sort_prompts_by_length,
+        )
+
+    def _generate(self, token_ids, generation_config, call_kwargs, size, auto, skip_prompt,
+                  show_progress_bar, log_batch_sample, sort) -> list:
+        eos_ids = self._eos_ids(generation_config)
+        start_id = generation_config.decoder_start_token_id
+        if isinstance(start_id, list):
+            start_id = start_id[0] if start_id else None
+        n_return = generation_config.num_return_sequences or 1
+        started = time.perf_counter()
+        stats = {"tokens": 0, "batches": 0}
+
+        def run_batch(indices: list[int]) -> list[str | list[str]]:
+            outputs = self.engine.generate_batch([token_ids[i] for i in indices], generation_config, call_kwargs)
+            answers = []
+            for index, sequences in zip(indices, outputs):
+                texts = []
+                for sequence in sequences:
+                    new = self._trim(sequence, eos_ids, start_id)
+                    stats["tokens"] += len(new)
+                    if not skip_prompt and not self.is_encoder_decoder:
+                        new = token_ids[index] + new
+                    texts.append(self.tokenizer.decode(new, skip_special_tokens=True))
+                answers.append(texts[0] if n_return == 1 else texts)
+            return answers
+
+        progress = tqdm(total=len(token_ids), desc="Generating", unit="prompt", disable=not show_progress_bar)
+
+        def on_batch_done(indices: list[int], answers: list) -> None:
+            stats["batches"] += 1
+            progress.update(len(indices))
+            elapsed = time.perf_counter() - started
+            progress.set_postfix(tok_s=f"{stats['tokens'] / max(elapsed, 1e-9):.1f}", batch=len(indices))
+            if log_batch_sample > 0 and stats["batches"] % log_batch_sample == 0:
+                logger.info("Sample from batch %d: %r", stats["batches"], answers[0])
+
+        runner = BatchRunner(run_batch, size, auto)
+        try:
+            results = runner.run(length_order([len(t) for t in token_ids], sort), on_batch_done)
+        finally:
+            progress.close()
+        self.last_run = RunSummary(
+            prompts=len(token_ids),
+            sequences=len(token_ids) * n_return,
+            generated_tokens=stats["tokens"],
+            wall_time_s=time.perf_counter() - started,
+            batch_size=runner.batch_size,
+            batches=stats["batches"],
+            oom_retries=runner.oom_retries,
+        )
+        return [results[i] for i in range(len(token_ids))]

@@ -1,0 +1,131 @@
+"""Load a checkpoint (hub id or local folder) and its tokenizer, ready for batched generation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger("simple_generation")
+
+# Config attributes that hold the longest sequence a model can attend to, by architecture family.
+_CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
+                       "max_seq_len", "n_ctx")
+
+
+class ModelLoadError(OSError):
+    """The model or tokenizer could not be found or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    is_encoder_decoder: bool
+    placement: str
+
+
+def default_device() -> torch.device:
+    """The accelerator when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_config(name_or_path: str, **kwargs: Any) -> PretrainedConfig:
+    """Read the model's config, turning the many ways a path or hub id can be wrong into one clear error."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ModelLoadError(f"model_name_or_path must be a hub id or a local folder, got {name_or_path!r}.")
+    config_keys = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
+    config_kwargs = {k: kwargs[k] for k in config_keys if k in kwargs}
+    if "gguf_file" in kwargs:
+        config_kwargs["gguf_file"] = kwargs["gguf_file"]
+    try:
+        return AutoConfig.from_pretrained(str(name_or_path), **config_kwargs)
+    except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, HF hub errors...
+        name = str(name_or_path)
+        looks_like_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+        if os.path.isdir(name):
+            hint = f"The folder {name!r} exists but has no readable config.json."
+        elif looks_like_hub_id:
+            hint = (
+                f"There is no local folder {name!r}, and the hub id could not be resolved: check the id "
+                "(and `revision`), your network and HF_TOKEN, or pass a local folder saved with `save_pretrained`."
+            )
+        else:
+            hint = f"No folder {name!r} with a config.json exists."
+        raise ModelLoadError(f"Could not load the model config for {name_or_path!r}. {hint} ({err})") from err
+
+
+def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """Tokenizer with left padding; a tokenizer without pad token pads with EOS."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(
+            f"Could not load a tokenizer from {name_or_path!r}. Pass `tokenizer_name_or_path=` if the "
+            f"tokenizer lives elsewhere. ({err})"
+        ) from err
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(
+                f"The tokenizer of {name_or_path!r} has neither a pad nor an EOS token; batched generation "
+                "needs one. Set `tokenizer.pad_token` and pass the tokenizer's folder."
+            )
+        logger.warning("The tokenizer has no pad token: padding with the EOS token %r.", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_class_for(config: PretrainedConfig):
+    """AutoModelForSeq2SeqLM for encoder-decoders, AutoModelForCausalLM otherwise."""
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest input the model attends to, or None when the architecture sets no bound."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    for name in _CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def normalize_dtype_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Accept both ``torch_dtype`` (transformers 4) and ``dtype`` (transformers 5)."""
+    kwargs = dict(kwargs)
+    if "torch_dtype" in kwargs:
+        torch_dtype = kwargs.pop("torch_dtype")
+        if "dtype" in kwargs and kwargs["dtype"] != torch_dtype:
+            raise ValueError("Pass either `dtype` or `torch_dtype`, not both with different values.")
+        kwargs["dtype"] = torch_dtype
+    return kwargs
+
+
+def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
+    model_cls = model_class_for(config)
+    try:
+        model = model_cls.from_pretrained(str(name_or_path), **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"Could not load {model_cls.__name__} weights from {name_or_path!r}: {err}") from err
+    model.eval()
+    return model

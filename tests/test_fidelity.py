@@ -1,0 +1,76 @@
+"""Batching, padding and sorting never change an answer: equal to HF's unbatched generate (fp32)."""
+
+import pytest
+
+from simple_generation import SimpleGenerator
+
+from .conftest import PROMPTS
+from .reference import hf_greedy
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "t5"])
+def arch_case(request, tiny_checkpoints):
+    path = tiny_checkpoints[request.param]
+    generator = SimpleGenerator(path, device="cpu")
+    expected = hf_greedy(path, PROMPTS, MAX_NEW)
+    return request.param, generator, expected
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, "auto"])
+@pytest.mark.parametrize("sort", [True, False])
+def test_batched_greedy_equals_unbatched_hf(arch_case, batch_size, sort):
+    arch, generator, expected = arch_case
+    answers = generator(
+        PROMPTS, batch_size=batch_size, sort_prompts_by_length=sort, max_new_tokens=MAX_NEW,
+        do_sample=False, skip_prompt=True, show_progress_bar=False,
+    )
+    assert answers == expected, arch
+
+
+def test_temperature_zero_is_greedy(arch_case):
+    _, generator, expected = arch_case
+    answers = generator(PROMPTS, batch_size=4, max_new_tokens=MAX_NEW, temperature=0, skip_prompt=True,
+                        show_progress_bar=False)
+    assert answers == expected
+
+
+def test_skip_prompt_false_keeps_prompt_for_causal(llama_path):
+    generator = SimpleGenerator(llama_path, device="cpu")
+    prompts = PROMPTS[:5]
+    full = generator(prompts, max_new_tokens=6, temperature=0, show_progress_bar=False)
+    continuation = generator(prompts, max_new_tokens=6, temperature=0, skip_prompt=True, show_progress_bar=False)
+    for prompt, whole, cont in zip(prompts, full, continuation, strict=True):
+        assert whole.startswith(prompt.strip()[:1])
+        assert whole.endswith(cont)
+        assert len(whole) > len(cont)
+
+
+def test_seq2seq_never_echoes_prompt(t5_path):
+    generator = SimpleGenerator(t5_path, device="cpu")
+    with_prompt = generator(PROMPTS[:4], max_new_tokens=6, temperature=0, show_progress_bar=False)
+    without = generator(PROMPTS[:4], max_new_tokens=6, temperature=0, skip_prompt=True, show_progress_bar=False)
+    assert with_prompt == without
+
+
+def test_num_return_sequences_groups_answers_per_prompt(llama_path):
+    generator = SimpleGenerator(llama_path, device="cpu")
+    answers = generator(PROMPTS[:5], num_return_sequences=3, max_new_tokens=5, batch_size=2, skip_prompt=True,
+                        show_progress_bar=False)
+    assert len(answers) == 5
+    assert all(isinstance(a, list) and len(a) == 3 and all(isinstance(x, str) for x in a) for a in answers)
+
+
+def test_beam_search_matches_hf(llama_path):
+    generator = SimpleGenerator(llama_path, device="cpu")
+    expected = hf_greedy(llama_path, PROMPTS[:6], 8, num_beams=3)
+    answers = generator(PROMPTS[:6], num_beams=3, do_sample=False, max_new_tokens=8, batch_size=1,
+                        skip_prompt=True, show_progress_bar=False)
+    assert answers == expected
+
+
+def test_single_string_input_returns_list(gpt2_path):
+    generator = SimpleGenerator(gpt2_path, device="cpu")
+    answers = generator("Hello", max_new_tokens=4, temperature=0, show_progress_bar=False)
+    assert isinstance(answers, list) and len(answers) == 1
