@@ -12,22 +12,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DefaultGenerationConfig, build_generation_config, split_generation_kwargs
+from .distributed import current_distribution
+from .emissions import track_emissions as emissions_tracker
 from .engine import HFEngine
-from .loading import (
-    context_length,
-    default_device,
-    load_config,
-    load_model,
-    load_tokenizer,
-    normalize_dtype_kwargs,
-)
+from .formatting import PromptFormatter
+from .loading import context_length, load_for_generation
 from .results import RunSummary
 from .scheduling import BatchRunner, length_order, resolve_batch_size
 
 logger = logging.getLogger("simple_generation")
-
-_TOKENIZER_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
-
 
 class SimpleGenerator:
     """Load a HuggingFace checkpoint once and generate for lists of prompts, batched and in order.
@@ -55,36 +48,50 @@ class SimpleGenerator:
         model_name_or_path: str,
         tokenizer_name_or_path: str | None = None,
         device: str | torch.device | None = None,
+        lora_weights: str | None = None,
+        merge_lora: bool = True,
+        compile_model: bool = False,
+        use_bettertransformer: bool = False,
+        system_prompt: str | None = None,
+        system_message: str | None = None,
+        apply_chat_template: bool = False,
+        track_emissions: bool = True,
+        emissions_dir: str = ".",
         generation_defaults: DefaultGenerationConfig | None = None,
         **model_kwargs: Any,
     ):
-        model_kwargs = normalize_dtype_kwargs(model_kwargs)
+        if "system_prompts" in model_kwargs:  # the original README's spelling
+            if system_prompt is not None:
+                raise ValueError("Pass either `system_prompt` or `system_prompts`, not both.")
+            system_prompt = model_kwargs.pop("system_prompts")
+        self.distribution = current_distribution()
+        loaded = load_for_generation(
+            model_name_or_path,
+            tokenizer_name_or_path=tokenizer_name_or_path,
+            device=device if device is not None else self.distribution.device,
+            lora_weights=lora_weights,
+            merge_lora=merge_lora,
+            compile_model=compile_model,
+            use_bettertransformer=use_bettertransformer,
+            **model_kwargs,
+        )
         self.model_name_or_path = str(model_name_or_path)
-        self.config = load_config(model_name_or_path, **model_kwargs)
-        self.is_encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
-
-        tokenizer_kwargs = {k: model_kwargs[k] for k in _TOKENIZER_KWARGS if k in model_kwargs}
-        if "gguf_file" in model_kwargs and tokenizer_name_or_path is None:
-            tokenizer_kwargs["gguf_file"] = model_kwargs["gguf_file"]
-        self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path, **tokenizer_kwargs)
-
-        if device is not None and "device_map" in model_kwargs:
-            raise ValueError("Pass either `device` or `device_map`, not both.")
-        self.model = load_model(model_name_or_path, self.config, **model_kwargs)
-        if "device_map" not in model_kwargs:
-            target = torch.device(device) if device is not None else default_device()
-            self.model.to(target)
-        self.placement = str(getattr(self.model, "hf_device_map", None) or self.model.device)
-
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = self.model.config
+        self.is_encoder_decoder = loaded.is_encoder_decoder
+        self.placement = loaded.placement
+        self.formatter = PromptFormatter(
+            self.tokenizer, template=system_prompt, system_message=system_message,
+            apply_chat_template=apply_chat_template,
+        )
+        self.track_emissions = track_emissions
+        self.emissions_dir = emissions_dir
         self.defaults = generation_defaults or DefaultGenerationConfig()
         self.engine = HFEngine(self.model, self.tokenizer, self.is_encoder_decoder)
         self.context_length = context_length(self.model)
         self._forward_params = set(inspect.signature(self.model.forward).parameters)
         self.last_run = RunSummary()
-        logger.info(
-            "Loaded %s as %s (dtype %s) on %s.",
-            self.model_name_or_path, type(self.model).__name__, self.model.dtype, self.placement,
-        )
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
@@ -101,7 +108,7 @@ class SimpleGenerator:
         return list(texts)
 
     def _tokenize(self, prompts: list[str], max_new_tokens: int, truncate: bool) -> list[list[int]]:
-        token_ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        token_ids = self.tokenizer(prompts, add_special_tokens=self.formatter.add_special_tokens)["input_ids"]
         limit = self.context_length
         if limit is None:
             return token_ids
@@ -184,6 +191,7 @@ class SimpleGenerator:
             >>> gen(["Tell me what's 2 + 2."], max_new_tokens=32, skip_prompt=True)   # doctest: +SKIP
         """
         prompts = self._validate_texts(texts)
+        prompts = self.formatter.format(prompts)
         if not prompts:
             self.last_run = RunSummary()
             return []
@@ -222,21 +230,27 @@ class SimpleGenerator:
                 answers.append(texts[0] if n_return == 1 else texts)
             return answers
 
-        progress = tqdm(total=len(token_ids), desc="Generating", unit="prompt", disable=not show_progress_bar)
+        progress = tqdm(total=len(token_ids), desc="Generating", unit="prompt",
+                        disable=not show_progress_bar or not self.distribution.is_main)
 
         def on_batch_done(indices: list[int], answers: list) -> None:
             stats["batches"] += 1
-            progress.update(len(indices))
+            progress.update(len(indices) * self.distribution.world_size)
             elapsed = time.perf_counter() - started
-            progress.set_postfix(tok_s=f"{stats['tokens'] / max(elapsed, 1e-9):.1f}", batch=len(indices))
+            progress.set_postfix(tok_s=f"{stats['tokens'] * self.distribution.world_size / max(elapsed, 1e-9):.1f}",
+                                 batch=len(indices))
             if log_batch_sample > 0 and stats["batches"] % log_batch_sample == 0:
                 logger.info("Sample from batch %d: %r", stats["batches"], answers[0])
 
         runner = BatchRunner(run_batch, size, auto)
-        try:
-            results = runner.run(length_order([len(t) for t in token_ids], sort), on_batch_done)
-        finally:
-            progress.close()
+        order = length_order([len(t) for t in token_ids], sort)
+        with emissions_tracker(self.track_emissions and self.distribution.is_main, self.emissions_dir,
+                               self.model_name_or_path) as emissions:
+            try:
+                results = self.distribution.run(order, [len(t) for t in token_ids],
+                                                lambda shard: runner.run(shard, on_batch_done))
+            finally:
+                progress.close()
         self.last_run = RunSummary(
             prompts=len(token_ids),
             sequences=len(token_ids) * n_return,
@@ -245,5 +259,7 @@ class SimpleGenerator:
             batch_size=runner.batch_size,
             batches=stats["batches"],
             oom_retries=runner.oom_retries,
+            energy_kwh=emissions.energy_kwh,
+            emissions_kg_co2eq=emissions.emissions_kg_co2eq,
         )
         return [results[i] for i in range(len(token_ids))]

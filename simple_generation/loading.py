@@ -26,6 +26,9 @@ _CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_l
                        "max_seq_len", "n_ctx")
 
 
+_TOKENIZER_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
+
+
 class ModelLoadError(OSError):
     """The model or tokenizer could not be found or loaded."""
 
@@ -119,6 +122,37 @@ def normalize_dtype_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("Pass either `dtype` or `torch_dtype`, not both with different values.")
         kwargs["dtype"] = torch_dtype
     return kwargs
+
+
+def load_for_generation(
+    model_name_or_path: str,
+    tokenizer_name_or_path: str | None = None,
+    device: str | torch.device | None = None,
+    lora_weights: str | None = None,
+    merge_lora: bool = True,
+    compile_model: bool = False,
+    use_bettertransformer: bool = False,
+    **model_kwargs: Any,
+) -> LoadedModel:
+    """Config, tokenizer and model, placed on ``device`` (or per ``device_map``), ready for ``generate``."""
+    model_kwargs = normalize_dtype_kwargs(model_kwargs)
+    config = load_config(model_name_or_path, **model_kwargs)
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    tokenizer_kwargs = {k: model_kwargs[k] for k in _TOKENIZER_KWARGS if k in model_kwargs}
+    if "gguf_file" in model_kwargs and tokenizer_name_or_path is None:
+        tokenizer_kwargs["gguf_file"] = model_kwargs["gguf_file"]
+    tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path, **tokenizer_kwargs)
+    if device is not None and "device_map" in model_kwargs:
+        raise ValueError("Pass either `device` or `device_map`, not both.")
+    if lora_weights is not None or compile_model or use_bettertransformer:
+        raise NotImplementedError("lora_weights, compile_model and use_bettertransformer come with issue 4.")
+    model = load_model(model_name_or_path, config, **model_kwargs)
+    if "device_map" not in model_kwargs:
+        model.to(torch.device(device) if device is not None else default_device())
+    placement = str(getattr(model, "hf_device_map", None) or model.device)
+    logger.info("Loaded %s as %s (dtype %s) on %s.", model_name_or_path, type(model).__name__, model.dtype,
+                placement)
+    return LoadedModel(model, tokenizer, is_encoder_decoder, placement)
 
 
 def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
