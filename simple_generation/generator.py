@@ -12,10 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DefaultGenerationConfig, build_generation_config, split_generation_kwargs
+from .conversation import Conversation
 from .distributed import current_distribution
 from .emissions import track_emissions as emissions_tracker
 from .engine import HFEngine
-from .formatting import PromptFormatter
+from .formatting import PromptFormatter, validate_inputs
 from .loading import context_length, load_for_generation
 from .results import RunSummary
 from .scheduling import BatchRunner, length_order, resolve_batch_size
@@ -94,21 +95,8 @@ class SimpleGenerator:
         self.last_run = RunSummary()
 
     # ------------------------------------------------------------------ inputs
-    @staticmethod
-    def _validate_texts(texts: Any) -> list[str]:
-        if isinstance(texts, str):
-            return [texts]
-        if not isinstance(texts, Sequence):
-            raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}.")
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(
-                    f"texts[{index}] is a {type(text).__name__}, not a string; every prompt must be a str."
-                )
-        return list(texts)
-
     def _tokenize(self, prompts: list[str], max_new_tokens: int, truncate: bool) -> list[list[int]]:
-        token_ids = self.tokenizer(prompts, add_special_tokens=self.formatter.add_special_tokens)["input_ids"]
+        token_ids = self.formatter.tokenize(prompts)
         limit = self.context_length
         if limit is None:
             return token_ids
@@ -140,6 +128,23 @@ class SimpleGenerator:
                     "their answers may be cut or degrade.", len(overflow), max_new_tokens, limit,
                 )
         return token_ids
+
+    def _add_template_stops(self, config_kwargs: dict[str, Any], call_kwargs: dict[str, Any]) -> None:
+        """A named template's stop strings and stop token ids end generation (unless the call sets its own)."""
+        stop_strings = self.formatter.stop_strings
+        if stop_strings and "stop_strings" not in config_kwargs:
+            config_kwargs["stop_strings"] = stop_strings
+            call_kwargs.setdefault("tokenizer", self.tokenizer)
+        stop_ids = self.formatter.stop_token_ids
+        if stop_ids and "eos_token_id" not in config_kwargs:
+            eos = self.model.generation_config.eos_token_id
+            eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+            config_kwargs["eos_token_id"] = eos + [i for i in stop_ids if i not in eos]
+
+    @staticmethod
+    def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+        cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
 
     # ------------------------------------------------------------------ outputs
     def _eos_ids(self, generation_config) -> set[int]:
@@ -190,12 +195,12 @@ class SimpleGenerator:
         Example:
             >>> gen(["Tell me what's 2 + 2."], max_new_tokens=32, skip_prompt=True)   # doctest: +SKIP
         """
-        prompts = self._validate_texts(texts)
-        prompts = self.formatter.format(prompts)
+        prompts = self.formatter.format(validate_inputs(texts))
         if not prompts:
             self.last_run = RunSummary()
             return []
         config_kwargs, call_kwargs = split_generation_kwargs(generation_kwargs, self._forward_params)
+        self._add_template_stops(config_kwargs, call_kwargs)
         generation_config = build_generation_config(
             self.model.generation_config, self.defaults, config_kwargs, self.tokenizer.pad_token_id
         )
@@ -213,6 +218,8 @@ class SimpleGenerator:
         if isinstance(start_id, list):
             start_id = start_id[0] if start_id else None
         n_return = generation_config.num_return_sequences or 1
+        stop_strings = generation_config.stop_strings or []
+        stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
         started = time.perf_counter()
         stats = {"tokens": 0, "batches": 0}
 
@@ -224,9 +231,15 @@ class SimpleGenerator:
                 for sequence in sequences:
                     new = self._trim(sequence, eos_ids, start_id)
                     stats["tokens"] += len(new)
+                    text = self.tokenizer.decode(new, skip_special_tokens=True)
+                    text, stopped = self._cut_at_stop(text, stop_strings)
                     if not skip_prompt and not self.is_encoder_decoder:
-                        new = token_ids[index] + new
-                    texts.append(self.tokenizer.decode(new, skip_special_tokens=True))
+                        whole = self.tokenizer.decode(token_ids[index] + new, skip_special_tokens=True)
+                        if stopped:
+                            prompt_text = self.tokenizer.decode(token_ids[index], skip_special_tokens=True)
+                            whole = prompt_text + text
+                        text = whole
+                    texts.append(text)
                 answers.append(texts[0] if n_return == 1 else texts)
             return answers
 
@@ -263,3 +276,43 @@ class SimpleGenerator:
             emissions_kg_co2eq=emissions.emissions_kg_co2eq,
         )
         return [results[i] for i in range(len(token_ids))]
+
+    # ------------------------------------------------------------------ conversations
+    def conversation_from_user_prompts(
+        self, user_prompts: Sequence[str] | Sequence[Sequence[str]], **kwargs: Any
+    ) -> Conversation | list[Conversation]:
+        """Run a multi-turn conversation whose user turns are fixed in advance.
+
+        Each user prompt is sent with the whole history so far, and the answer is appended. Takes the
+        same keywords as ``__call__``. Given a list of prompt lists, runs many conversations at once:
+        turn ``k`` of every conversation is one batched call.
+
+        Example:
+            >>> conversation = gen.conversation_from_user_prompts(                    # doctest: +SKIP
+            ...     ["What is 2 + 2?", "And times 3?"], max_new_tokens=64)
+            >>> print(conversation)                                                 # doctest: +SKIP
+        """
+        single = bool(user_prompts) and all(isinstance(p, str) for p in user_prompts)
+        batches = [list(user_prompts)] if single else [list(p) for p in user_prompts]
+        for index, prompts in enumerate(batches):
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise TypeError(f"user_prompts[{index}] must be a non-empty list of strings.")
+        kwargs["skip_prompt"] = True
+        conversations = [
+            Conversation(template=self.formatter.template, system_message=self.formatter.system_message,
+                         tokenizer=self.tokenizer if self.formatter.apply_chat_template else None)
+            for _ in batches
+        ]
+        for turn in range(max((len(p) for p in batches), default=0)):
+            active = [i for i, prompts in enumerate(batches) if turn < len(prompts)]
+            for i in active:
+                conversations[i].messages.append({"role": "user", "content": batches[i][turn]})
+            if self.formatter.template is not None or self.formatter.apply_chat_template:
+                requests = [list(conversations[i].messages) for i in active]
+            else:  # no template: the plain transcript is the prompt
+                requests = [f"{conversations[i]}\nAssistant:" for i in active]
+            answers = self(requests, **kwargs)
+            for i, answer in zip(active, answers):
+                content = answer if isinstance(answer, str) else answer[0]
+                conversations[i].messages.append({"role": "assistant", "content": content.strip()})
+        return conversations[0] if single else conversations
