@@ -1,0 +1,139 @@
+"""Prompt formatting through the generator: the tokenizer's chat template, conversations, multi-turn."""
+
+import shutil
+
+import pytest
+from transformers import AutoTokenizer
+
+from simple_generation import SimpleGenerator
+
+from .reference import load_reference
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_path(llama_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat") / "llama-chat"
+    shutil.copytree(llama_path, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chat_generator(chat_path):
+    return SimpleGenerator(chat_path, device="cpu", apply_chat_template=True, track_emissions=False)
+
+
+def _greedy_on_text(path, texts, max_new, add_special_tokens):
+    model, tokenizer = load_reference(path)
+    answers = []
+    for text in texts:
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def test_chat_template_formats_like_the_tokenizer(chat_generator, chat_path):
+    tokenizer = AutoTokenizer.from_pretrained(chat_path)
+    rendered = chat_generator.formatter.format(["Hi there", [{"role": "system", "content": "Be brief."},
+                                                             {"role": "user", "content": "2 + 2?"}]])
+    assert rendered[0] == tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+                                                        add_generation_prompt=True)
+    assert rendered[1] == tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}], tokenize=False,
+        add_generation_prompt=True)
+    assert rendered[1].endswith("<|assistant|>\n") and "<|system|>\nBe brief." in rendered[1]
+
+
+def test_chat_template_has_exactly_one_bos(chat_generator):
+    bos = chat_generator.tokenizer.bos_token_id
+    prompts = chat_generator.formatter.format(["Hi there", "Tell me what is two plus two?"])
+    for ids in chat_generator.formatter.tokenize(prompts):
+        assert ids[0] == bos
+        assert ids.count(bos) == 1
+
+
+def test_plain_prompts_still_get_their_bos(llama_path):
+    generator = SimpleGenerator(llama_path, device="cpu", track_emissions=False)
+    ids = generator.formatter.tokenize(["Hi there"])[0]
+    assert ids[0] == generator.tokenizer.bos_token_id and ids.count(ids[0]) == 1
+
+
+def test_chat_template_answers_equal_hf_on_the_rendered_text(chat_generator, chat_path):
+    conversations = [[{"role": "user", "content": "Hi there"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]]
+    answers = chat_generator(conversations, max_new_tokens=6, temperature=0, skip_prompt=True,
+                             show_progress_bar=False)
+    expected = _greedy_on_text(chat_path, chat_generator.formatter.format(conversations), 6,
+                               add_special_tokens=False)
+    assert answers == expected
+
+
+def test_system_message_with_chat_template(chat_path):
+    generator = SimpleGenerator(chat_path, device="cpu", apply_chat_template=True, system_message="You are a pirate.",
+                                track_emissions=False)
+    rendered = generator.formatter.format(["Hi"])[0]
+    assert rendered.startswith(generator.tokenizer.bos_token + "<|system|>\nYou are a pirate.")
+
+
+def test_apply_chat_template_without_one_raises(llama_path):
+    with pytest.raises(ValueError, match="no chat template"):
+        SimpleGenerator(llama_path, device="cpu", apply_chat_template=True, track_emissions=False)
+
+
+def test_conversation_without_any_template_raises(llama_path):
+    generator = SimpleGenerator(llama_path, device="cpu", track_emissions=False)
+    with pytest.raises(ValueError, match="template"):
+        generator([[{"role": "user", "content": "hi"}]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([[{"role": "robot", "content": "x"}]], r"texts\[0\]\[0\]"),
+    ([[{"role": "user"}]], r"texts\[0\]\[0\]"),
+    ([[]], "empty conversation"),
+])
+def test_malformed_conversations(chat_generator, bad, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        chat_generator(bad, max_new_tokens=2)
+
+
+def test_multi_turn_with_chat_template_sends_whole_history(chat_generator, chat_path):
+    user_turns = ["Hi there", "What is 2 + 2?", "Tell me a story"]
+    conversation = chat_generator.conversation_from_user_prompts(user_turns, max_new_tokens=5, temperature=0,
+                                                                 show_progress_bar=False)
+    messages = conversation.messages
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    assert [m["content"] for m in messages[::2]] == user_turns
+    tokenizer = AutoTokenizer.from_pretrained(chat_path)
+    for k in range(3):
+        prompt = tokenizer.apply_chat_template(messages[: 2 * k + 1], tokenize=False, add_generation_prompt=True)
+        for earlier in messages[: 2 * k]:
+            assert earlier["content"] in prompt
+        expected = _greedy_on_text(chat_path, [prompt], 5, add_special_tokens=False)[0].strip()
+        assert messages[2 * k + 1]["content"] == expected
+    assert str(conversation) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_many_conversations_batched_equal_one_at_a_time(chat_generator):
+    kwargs = dict(max_new_tokens=4, temperature=0, show_progress_bar=False)
+    many = chat_generator.conversation_from_user_prompts([["Hi", "More"], ["One", "Two", "Three"], ["Solo"]],
+                                                         **kwargs)
+    assert len(many) == 3
+    for conversation, turns in zip(many, [["Hi", "More"], ["One", "Two", "Three"], ["Solo"]]):
+        alone = chat_generator.conversation_from_user_prompts(turns, **kwargs)
+        assert conversation.messages == alone.messages
+
+
+def test_multi_turn_without_template_uses_plain_transcript(llama_path):
+    generator = SimpleGenerator(llama_path, device="cpu", track_emissions=False)
+    conversation = generator.conversation_from_user_prompts(["Hi", "Again"], max_new_tokens=3, temperature=0,
+                                                            show_progress_bar=False)
+    assert str(conversation).startswith("User: Hi\nAssistant: ")
+    assert len(conversation.answers) == 2
