@@ -1,6 +1,7 @@
 """simple-generation: batched, ordered, exact text generation over HuggingFace checkpoints."""
 
 from .config import DefaultGenerationConfig
+from .distributed import DistributedGenerationError
 from .generator import SimpleGenerator
 from .loading import ModelLoadError
 from .results import RunSummary
@@ -9,6 +10,7 @@ from .scheduling import BatchGenerationError
 __all__ = [
     "BatchGenerationError",
     "DefaultGenerationConfig",
+    "DistributedGenerationError",
     "ModelLoadError",
     "RunSummary",
     "SimpleGenerator",

@@ -69,7 +69,7 @@ class SimpleGenerator:
         loaded = load_for_generation(
             model_name_or_path,
             tokenizer_name_or_path=tokenizer_name_or_path,
-            device=device if device is not None else self.distribution.device,
+            device=self.distribution.load_device(device, "device_map" in model_kwargs),
             lora_weights=lora_weights,
             merge_lora=merge_lora,
             compile_model=compile_model,
@@ -243,35 +243,55 @@ class SimpleGenerator:
                 answers.append(texts[0] if n_return == 1 else texts)
             return answers
 
+        # With data parallelism the main process only sees its own share; the shares are balanced, so its
+        # fraction done stands for the whole run's, and the bar is completed once every process is done.
+        distribution = self.distribution
         progress = tqdm(total=len(token_ids), desc="Generating", unit="prompt",
-                        disable=not show_progress_bar or not self.distribution.is_main)
+                        disable=not show_progress_bar or not distribution.is_main)
+        share = {"size": len(token_ids), "done": 0}
 
         def on_batch_done(indices: list[int], answers: list) -> None:
             stats["batches"] += 1
-            progress.update(len(indices) * self.distribution.world_size)
+            share["done"] += len(indices)
+            scale = len(token_ids) / max(share["size"], 1)
             elapsed = time.perf_counter() - started
-            progress.set_postfix(tok_s=f"{stats['tokens'] * self.distribution.world_size / max(elapsed, 1e-9):.1f}",
-                                 batch=len(indices))
+            progress.set_postfix(tok_s=f"{stats['tokens'] * scale / max(elapsed, 1e-9):.1f}", batch=len(indices),
+                                 refresh=False)
+            progress.update(min(len(token_ids), round(share["done"] * scale)) - progress.n)
             if log_batch_sample > 0 and stats["batches"] % log_batch_sample == 0:
                 logger.info("Sample from batch %d: %r", stats["batches"], answers[0])
 
+        def run_shard(shard: list[int]) -> dict:
+            share["size"] = len(shard)
+            return runner.run(shard, on_batch_done)
+
+        def local_stats() -> dict:
+            return {"prompts": share["size"], "tokens": stats["tokens"], "batches": stats["batches"],
+                    "batch_size": min(runner.batch_size, share["size"]) or runner.batch_size,
+                    "oom_retries": runner.oom_retries}
+
         runner = BatchRunner(run_batch, size, auto)
         order = length_order([len(t) for t in token_ids], sort)
-        with emissions_tracker(self.track_emissions and self.distribution.is_main, self.emissions_dir,
+        # Shards are balanced by the tokens each prompt's sequences will hold: prompt plus new tokens.
+        work = [len(t) + (generation_config.max_new_tokens or 0) * n_return for t in token_ids]
+        with emissions_tracker(self.track_emissions and distribution.is_main, self.emissions_dir,
                                self.model_name_or_path) as emissions:
             try:
-                results = self.distribution.run(order, [len(t) for t in token_ids],
-                                                lambda shard: runner.run(shard, on_batch_done))
+                sharded = distribution.run(order, work, run_shard, local_stats)
+                progress.update(len(token_ids) - progress.n)
             finally:
                 progress.close()
+        results = sharded.results
+        per_rank = sharded.stats
+        busy = [s for s in per_rank if s.get("prompts")] or per_rank
         self.last_run = RunSummary(
             prompts=len(token_ids),
             sequences=len(token_ids) * n_return,
-            generated_tokens=stats["tokens"],
+            generated_tokens=sum(s.get("tokens", 0) for s in per_rank),
             wall_time_s=time.perf_counter() - started,
-            batch_size=runner.batch_size,
-            batches=stats["batches"],
-            oom_retries=runner.oom_retries,
+            batch_size=min(s.get("batch_size", runner.batch_size) for s in busy),
+            batches=sum(s.get("batches", 0) for s in per_rank),
+            oom_retries=sum(s.get("oom_retries", 0) for s in per_rank),
             energy_kwh=emissions.energy_kwh,
             emissions_kg_co2eq=emissions.emissions_kg_co2eq,
         )
