@@ -4,6 +4,7 @@ from .config import DefaultGenerationConfig
 from .distributed import DistributedGenerationError
 from .generator import SimpleGenerator
 from .loading import ModelLoadError
+from .logs import setup_library_logger
 from .results import RunSummary
 from .scheduling import BatchGenerationError
 
@@ -16,3 +17,5 @@ __all__ = [
     "SimpleGenerator",
 ]
 __version__ = "0.3.0"
+
+setup_library_logger()

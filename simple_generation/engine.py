@@ -23,9 +23,17 @@ class HFEngine:
 
     @property
     def input_device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device if hasattr(
-            self.model, "get_input_embeddings") and self.model.get_input_embeddings() is not None \
-            else self.model.device
+        """Where the inputs go: the input embeddings' device (the first layer's, with a device_map)."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if embeddings is None:
+            return self.model.device
+        # accelerate's offload hooks run the layer elsewhere than where its (meta) weights sit
+        hook = getattr(embeddings, "_hf_hook", None)
+        execution_device = getattr(hook, "execution_device", None)
+        if execution_device is not None:
+            return torch.device(execution_device)
+        device = embeddings.weight.device
+        return device if device.type != "meta" else torch.device("cpu")
 
     def pad(self, token_ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids in token_ids)

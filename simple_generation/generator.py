@@ -82,6 +82,14 @@ class SimpleGenerator:
         self.config = self.model.config
         self.is_encoder_decoder = loaded.is_encoder_decoder
         self.placement = loaded.placement
+        self.compile_model = loaded.compiled
+        self._first_call_logged = False
+        logger.info(
+            "Loaded %s: %s, dtype %s, on %s (%s); LoRA: %s; quantization: %s; compiled: %s; attention: %s.",
+            model_name_or_path, type(self.model).__name__, self.model.dtype, loaded.placement,
+            loaded.placement_reason, loaded.lora or "none", loaded.quantization or "none",
+            "yes (static KV cache)" if loaded.compiled else "no", loaded.attention or "default",
+        )
         self.formatter = PromptFormatter(
             self.tokenizer, template=system_prompt, system_message=system_message,
             apply_chat_template=apply_chat_template,
@@ -224,7 +232,12 @@ class SimpleGenerator:
         stats = {"tokens": 0, "batches": 0}
 
         def run_batch(indices: list[int]) -> list[str | list[str]]:
+            batch_started = time.perf_counter()
             outputs = self.engine.generate_batch([token_ids[i] for i in indices], generation_config, call_kwargs)
+            if self.compile_model and not self._first_call_logged:
+                self._first_call_logged = True
+                logger.info("compile_model: the first batch took %.1f s, torch.compile included (each new batch "
+                            "shape compiles again, then runs from the cache).", time.perf_counter() - batch_started)
             answers = []
             for index, sequences in zip(indices, outputs):
                 texts = []

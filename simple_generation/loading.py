@@ -19,6 +19,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .model_options import (
+    Placement,
+    accelerator_memory,
+    attach_lora,
+    attention_kwargs,
+    choose_placement,
+    enable_compile,
+    estimate_model_bytes,
+    quantization_method,
+    translate_quantization,
+)
+
 logger = logging.getLogger("simple_generation")
 
 # Config attributes that hold the longest sequence a model can attend to, by architecture family.
@@ -35,19 +47,17 @@ class ModelLoadError(OSError):
 
 @dataclass
 class LoadedModel:
+    """What :func:`load_for_generation` returns; the last fields feed the initialization summary."""
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     is_encoder_decoder: bool
     placement: str
-
-
-def default_device() -> torch.device:
-    """The accelerator when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    placement_reason: str = ""
+    lora: str | None = None
+    quantization: str | None = None
+    compiled: bool = False
+    attention: str | None = None
 
 
 def load_config(name_or_path: str, **kwargs: Any) -> PretrainedConfig:
@@ -134,25 +144,54 @@ def load_for_generation(
     use_bettertransformer: bool = False,
     **model_kwargs: Any,
 ) -> LoadedModel:
-    """Config, tokenizer and model, placed on ``device`` (or per ``device_map``), ready for ``generate``."""
-    model_kwargs = normalize_dtype_kwargs(model_kwargs)
+    """Config, tokenizer and model, placed on ``device`` (or per ``device_map``), ready for ``generate``.
+
+    Every option that cannot work here (bitsandbytes without CUDA, both ``device`` and ``device_map``...)
+    raises before any weights are read.
+    """
+    model_kwargs = translate_quantization(normalize_dtype_kwargs(model_kwargs))
+    if device is not None and model_kwargs.get("device_map") is not None:
+        raise ValueError("Pass either `device` or `device_map`, not both.")
     config = load_config(model_name_or_path, **model_kwargs)
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     tokenizer_kwargs = {k: model_kwargs[k] for k in _TOKENIZER_KWARGS if k in model_kwargs}
     if "gguf_file" in model_kwargs and tokenizer_name_or_path is None:
         tokenizer_kwargs["gguf_file"] = model_kwargs["gguf_file"]
     tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path, **tokenizer_kwargs)
-    if device is not None and "device_map" in model_kwargs:
-        raise ValueError("Pass either `device` or `device_map`, not both.")
-    if lora_weights is not None or compile_model or use_bettertransformer:
-        raise NotImplementedError("lora_weights, compile_model and use_bettertransformer come with issue 4.")
+
+    quantization = quantization_method(model_kwargs.get("quantization_config")) or \
+        quantization_method(getattr(config, "quantization_config", None))
+    if model_kwargs.get("device_map") is not None:
+        placement = Placement(None, model_kwargs["device_map"], "device_map given")
+    elif device is not None:
+        placement = Placement(str(device), None, "device given")
+    else:
+        accelerator, free_memory = accelerator_memory()
+        model_bytes = estimate_model_bytes(model_class_for(config), config, model_kwargs) if accelerator else None
+        placement = choose_placement(model_bytes, accelerator, free_memory)
+    target = torch.device(placement.device) if placement.device is not None else None
+    device_type = target.type if target is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    model_kwargs = attention_kwargs(use_bettertransformer, model_kwargs, device_type)
+    if placement.device_map is not None:
+        model_kwargs["device_map"] = placement.device_map
+    elif target is not None and target.type == "cuda":
+        model_kwargs["device_map"] = {"": str(target)}  # straight onto the GPU (and what quantized loads need)
+
     model = load_model(model_name_or_path, config, **model_kwargs)
-    if "device_map" not in model_kwargs:
-        model.to(torch.device(device) if device is not None else default_device())
-    placement = str(getattr(model, "hf_device_map", None) or model.device)
-    logger.info("Loaded %s as %s (dtype %s) on %s.", model_name_or_path, type(model).__name__, model.dtype,
-                placement)
-    return LoadedModel(model, tokenizer, is_encoder_decoder, placement)
+    if target is not None and "device_map" not in model_kwargs:
+        model.to(target)
+    lora = None
+    if lora_weights is not None:
+        model, mode = attach_lora(model, lora_weights, merge_lora, quantized=quantization is not None,
+                                  **model_kwargs)
+        lora = f"{lora_weights} ({mode})"
+    if compile_model:
+        enable_compile(model, device_type)
+    hf_map = getattr(model, "hf_device_map", None)
+    where = str(model.device) if not hf_map or len(set(hf_map.values())) == 1 else \
+        f"device_map over {sorted({str(v) for v in hf_map.values()})}"
+    return LoadedModel(model, tokenizer, is_encoder_decoder, where, placement.reason, lora, quantization,
+                       compile_model, getattr(model.config, "_attn_implementation", None))
 
 
 def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
@@ -161,5 +200,14 @@ def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> Pr
         model = model_cls.from_pretrained(str(name_or_path), **kwargs)
     except OSError as err:
         raise ModelLoadError(f"Could not load {model_cls.__name__} weights from {name_or_path!r}: {err}") from err
+    except ImportError as err:
+        method = quantization_method(getattr(config, "quantization_config", None))
+        if "gguf_file" in kwargs:
+            hint = "GGUF files need the gguf package: pip install 'simple-generation[gguf]'."
+        elif method is not None:
+            hint = f"This checkpoint is quantized with {method}: install that method's library."
+        else:
+            hint = "Install the package named above."
+        raise ImportError(f"Could not load {name_or_path!r}: {err} {hint}") from err
     model.eval()
     return model

@@ -46,3 +46,9 @@ PROMPTS = [
     "The library runs text generation over checkpoints:",
     "   leading and trailing spaces   ",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path, monkeypatch):
+    """Generators track emissions by default, into ./emissions.csv: keep those files out of the repository."""
+    monkeypatch.chdir(tmp_path)
