@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16, float16, float32")
     parser.add_argument("--device", default=None)
     parser.add_argument("--device-map", default=None, help='e.g. "auto"')
+    parser.add_argument("--lora", help="PEFT LoRA adapter: folder or hub id")
+    parser.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (CUDA)")
+    parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (CUDA)")
+    parser.add_argument("--gguf-file", help="GGUF file name inside the model folder or repo")
+    parser.add_argument("--compile", action="store_true", help="static KV cache + torch.compile")
     parser.add_argument("--no-emissions", action="store_true", help="don't write emissions.csv")
+    parser.add_argument("--emissions-dir", default=".", help="where emissions.csv goes (default: .)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return parser
 
@@ -54,11 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("simple_generation").setLevel(logging.WARNING if args.quiet else logging.INFO)
     prompts = list(args.prompt) + (_read_prompts(args.input) if args.input else [])
     if not prompts:
         raise SystemExit("No prompts: pass --prompt TEXT (repeatable) or --input FILE.")
 
     from .generator import SimpleGenerator  # heavy imports after argument errors
+
+    if args.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
     model_kwargs = {}
     if args.dtype:
@@ -67,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         model_kwargs["dtype"] = getattr(torch, args.dtype)
     if args.device_map:
         model_kwargs["device_map"] = args.device_map
+    for flag in ("load_in_8bit", "load_in_4bit"):
+        if getattr(args, flag):
+            model_kwargs[flag] = True
+    if args.gguf_file:
+        model_kwargs["gguf_file"] = args.gguf_file
     generator = SimpleGenerator(
         args.model, device=args.device, system_prompt=args.system_prompt, system_message=args.system_message,
-        apply_chat_template=args.chat_template, track_emissions=not args.no_emissions, **model_kwargs,
+        apply_chat_template=args.chat_template, track_emissions=not args.no_emissions,
+        emissions_dir=args.emissions_dir, lora_weights=args.lora, compile_model=args.compile, **model_kwargs,
     )
     generation = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                     "top_p": args.top_p, "num_beams": args.num_beams}.items() if v is not None}
