@@ -7,6 +7,7 @@ from .loading import ModelLoadError
 from .logs import setup_library_logger
 from .results import RunSummary
 from .scheduling import BatchGenerationError
+from .templates import available_system_prompts, render_conversation
 
 __all__ = [
     "BatchGenerationError",
@@ -15,6 +16,8 @@ __all__ = [
     "ModelLoadError",
     "RunSummary",
     "SimpleGenerator",
+    "available_system_prompts",
+    "render_conversation",
 ]
 __version__ = "0.3.0"
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
+
+from .templates import render_conversation
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Conversation:
 
     def __str__(self) -> str:
         if self.template is not None:
-            return _templates().render_conversation(self.template, self.messages, self.system_message)
+            return render_conversation(self.template, self.messages, self.system_message)
         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
             messages = self.messages
             if self.system_message is not None and messages and messages[0]["role"] != "system":
@@ -40,7 +41,3 @@ class Conversation:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in self.messages)
 
-
-def _templates():
-    # Imported on first use: the template data is only read when a template is used.
-    return importlib.import_module("simple_generation.templates")

@@ -11,10 +11,11 @@ Conversations (lists of ``{"role", "content"}`` messages) need one of the first 
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Sequence
 from typing import Any
+
+from .templates import get_template, render_conversation
 
 logger = logging.getLogger("simple_generation")
 
@@ -72,7 +73,7 @@ class PromptFormatter:
         if template is not None and apply_chat_template:
             raise ValueError("Pass either system_prompt=<template name> or apply_chat_template=True, not both.")
         self.tokenizer = tokenizer
-        self.template = _templates().get_template(template) if isinstance(template, str) else template
+        self.template = get_template(template) if isinstance(template, str) else template
         self.system_message = system_message
         self.apply_chat_template = apply_chat_template
         self.add_generation_prompt = add_generation_prompt
@@ -97,7 +98,7 @@ class PromptFormatter:
 
     def format_one(self, item: str | list[Message]) -> str:
         if self.template is not None:
-            return _templates().render_conversation(self.template, self.messages_for(item), self.system_message)
+            return render_conversation(self.template, self.messages_for(item), self.system_message)
         if self.apply_chat_template or not isinstance(item, str):
             return self._apply_chat_template(self.messages_for(item))
         return item
@@ -129,7 +130,3 @@ class PromptFormatter:
                     ids[i] = row
         return ids  # type: ignore[return-value]
 
-
-def _templates():
-    # Imported on first use: the template data is only read when a template is used.
-    return importlib.import_module("simple_generation.templates")

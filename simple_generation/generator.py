@@ -20,6 +20,7 @@ from .formatting import PromptFormatter, validate_inputs
 from .loading import context_length, load_for_generation
 from .results import RunSummary
 from .scheduling import BatchRunner, length_order, resolve_batch_size
+from .templates import Template, get_template
 
 logger = logging.getLogger("simple_generation")
 
@@ -53,7 +54,7 @@ class SimpleGenerator:
         merge_lora: bool = True,
         compile_model: bool = False,
         use_bettertransformer: bool = False,
-        system_prompt: str | None = None,
+        system_prompt: str | Template | None = None,
         system_message: str | None = None,
         apply_chat_template: bool = False,
         track_emissions: bool = True,
@@ -65,6 +66,8 @@ class SimpleGenerator:
             if system_prompt is not None:
                 raise ValueError("Pass either `system_prompt` or `system_prompts`, not both.")
             system_prompt = model_kwargs.pop("system_prompts")
+        if isinstance(system_prompt, str):
+            system_prompt = get_template(system_prompt)  # an unknown name fails before the model loads
         self.distribution = current_distribution()
         loaded = load_for_generation(
             model_name_or_path,
@@ -228,6 +231,8 @@ class SimpleGenerator:
         n_return = generation_config.num_return_sequences or 1
         stop_strings = generation_config.stop_strings or []
         stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        # The model's own EOS ids decode as HF's generate does; a template's stop ids are never shown.
+        hidden_stop_ids = set(self.formatter.stop_token_ids) & eos_ids
         started = time.perf_counter()
         stats = {"tokens": 0, "batches": 0}
 
@@ -244,6 +249,8 @@ class SimpleGenerator:
                 for sequence in sequences:
                     new = self._trim(sequence, eos_ids, start_id)
                     stats["tokens"] += len(new)
+                    if new and new[-1] in hidden_stop_ids:  # a template's stop id may not be a special token
+                        new = new[:-1]
                     text = self.tokenizer.decode(new, skip_special_tokens=True)
                     text, stopped = self._cut_at_stop(text, stop_strings)
                     if not skip_prompt and not self.is_encoder_decoder:
