@@ -178,3 +178,23 @@ def test_dtype_spellings(llama_path, keyword):
 def test_conflicting_dtypes_are_an_error(llama_path):
     with pytest.raises(ValueError, match="dtype"):
         SimpleGenerator(llama_path, dtype=torch.float32, torch_dtype=torch.bfloat16, track_emissions=False)
+
+
+# ------------------------------------------------------------------ GGUF
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs the gguf package (extra `gguf`)")
+def test_gguf_file_loads_model_and_tokenizer(llama_path, tmp_path_factory):
+    from .gguf_tiny import write_gguf
+
+    folder = tmp_path_factory.mktemp("gguf")  # like a GGUF repo: the .gguf file and nothing else
+    write_gguf(llama_path, folder / "tiny-f32.gguf")
+    generator = SimpleGenerator(str(folder), gguf_file="tiny-f32.gguf", device="cpu", track_emissions=False)
+    assert generator.model.dtype == torch.float32
+    prompts = PROMPTS[:6]
+    answers = generator(prompts, batch_size=3, max_new_tokens=MAX_NEW, temperature=0, skip_prompt=True,
+                        show_progress_bar=False)
+    assert answers == hf_greedy(llama_path, prompts, MAX_NEW)  # the same weights and tokenizer as the original
+
+
+def test_missing_gguf_file_is_a_clear_error(llama_path):
+    with pytest.raises(OSError, match="no-such.gguf"):
+        SimpleGenerator(llama_path, gguf_file="no-such.gguf", track_emissions=False)
