@@ -41,15 +41,17 @@ def main() -> None:
     parser.add_argument("--batch-size", default="auto")
     parser.add_argument("--output", help="write JSONL {index, prompt, answer} here (main process only)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--no-emissions", action="store_true", help="don't write emissions.csv")
     args = parser.parse_args()
 
     texts = TEXTS * args.repeat
-    gen = SimpleGenerator(args.model, apply_chat_template=args.chat_template, track_emissions=False)
+    gen = SimpleGenerator(args.model, apply_chat_template=args.chat_template, track_emissions=not args.no_emissions)
     responses = gen(
         texts,
         max_new_tokens=args.max_new_tokens,
         do_sample=False,
         skip_prompt=True,
+        show_progress_bar=not args.quiet,
         batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size),
     )
     assert len(responses) == len(texts)  # on every process: each one gets all the answers back

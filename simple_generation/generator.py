@@ -41,8 +41,18 @@ class SimpleGenerator:
             ``AutoModelForSeq2SeqLM`` checkpoint.
         tokenizer_name_or_path: where the tokenizer lives, when not beside the model.
         device: move the model there (``"cuda:1"``, ``"cpu"``, ...). With neither ``device`` nor
-            ``device_map``, the accelerator is used when there is one, else the CPU.
+            ``device_map``, one GPU when the model fits, ``device_map="auto"`` when it does not, else the CPU.
+        lora_weights: a PEFT LoRA adapter (folder or hub id), merged into the weights unless
+            ``merge_lora=False`` or the model is quantized.
+        compile_model: static KV cache and ``torch.compile`` of the decoding step.
+        use_bettertransformer: use the fastest attention kernel available (SDPA or FlashAttention 2).
+        system_prompt: a named template (see ``available_system_prompts()``); ``system_prompts`` also works.
+        system_message: the system message for the template (named or the tokenizer's).
+        apply_chat_template: format prompts with the tokenizer's own chat template.
+        track_emissions: append a row per call to ``<emissions_dir>/emissions.csv`` (codecarbon).
         generation_defaults: replaces :class:`DefaultGenerationConfig` for every call.
+        **model_kwargs: for ``from_pretrained``; ``load_in_8bit``/``load_in_4bit`` become a
+            ``BitsAndBytesConfig``.
     """
 
     def __init__(

@@ -69,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", action="append", default=[], help="N:BATCH, e.g. 11:4 or 3:auto")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--crash-rank", type=int, default=None)
+    parser.add_argument("--emissions-dir", default=None, help="track emissions into this folder")
     args = parser.parse_args(argv)
 
     from simple_generation import SimpleGenerator
 
-    generator = SimpleGenerator(args.model, track_emissions=False)
+    generator = SimpleGenerator(args.model, track_emissions=args.emissions_dir is not None,
+                                emissions_dir=args.emissions_dir or ".")
     distribution = generator.distribution
     out = Path(args.out_dir)
     record = {"rank": distribution.rank, "world_size": distribution.world_size, "is_main": distribution.is_main,
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             run = generator.last_run
             record["last_run"][case] = {"prompts": run.prompts, "generated_tokens": run.generated_tokens,
                                         "batches": run.batches, "batch_size": run.batch_size,
-                                        "oom_retries": run.oom_retries}
+                                        "oom_retries": run.oom_retries, "energy_kwh": run.energy_kwh}
     except Exception as err:
         (out / f"rank{distribution.rank}.error.json").write_text(json.dumps(
             {"type": type(err).__name__, "message": str(err),

@@ -156,8 +156,13 @@ def test_different_prompts_on_different_ranks_raise():
 def test_two_processes_return_every_answer_in_order(llama_path, single_process_answers, tmp_path):
     cases = ["11:4", "1:4", "0:4", "13:auto", "5:1", "13:auto:oom"]
     started = time.perf_counter()
-    result = _launch(llama_path, tmp_path, *[arg for case in cases for arg in ("--case", case)])
+    emissions = tmp_path / "emissions"
+    result = _launch(llama_path, tmp_path, *[arg for case in cases for arg in ("--case", case)],
+                     "--emissions-dir", str(emissions))
     assert result.returncode == 0, result.stderr[-4000:]
+    # emissions.csv: one row per call with prompts (an empty call returns [] at once), by the main process only
+    rows = (emissions / "emissions.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + sum(not case.startswith("0:") for case in cases)
     ranks = _ranks(tmp_path, 2)
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["is_main"] for r in ranks] == [True, False]
@@ -176,6 +181,7 @@ def test_two_processes_return_every_answer_in_order(llama_path, single_process_a
         assert record["last_run"]["13:auto:oom"]["oom_retries"] >= 2
         assert record["last_run"]["13:auto:oom"]["batch_size"] <= 2
         assert record["last_run"]["13:auto"]["oom_retries"] == 0
+        assert (record["last_run"]["11:4"]["energy_kwh"] is not None) is record["is_main"]
     assert time.perf_counter() - started < LAUNCH_TIMEOUT_S
 
 

@@ -198,3 +198,18 @@ def test_gguf_file_loads_model_and_tokenizer(llama_path, tmp_path_factory):
 def test_missing_gguf_file_is_a_clear_error(llama_path):
     with pytest.raises(OSError, match="no-such.gguf"):
         SimpleGenerator(llama_path, gguf_file="no-such.gguf", track_emissions=False)
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("optimum", "gptqmodel", "auto_gptq")),
+                    reason="a GPTQ library is installed")
+def test_prequantized_checkpoint_without_its_library_names_the_method(llama_path, tmp_path):
+    import json
+    import shutil
+
+    path = tmp_path / "gptq"
+    shutil.copytree(llama_path, path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ImportError, match="quantized with gptq"):
+        SimpleGenerator(str(path), track_emissions=False)
