@@ -17,7 +17,7 @@ from .distributed import current_distribution
 from .emissions import track_emissions as emissions_tracker
 from .engine import HFEngine
 from .formatting import PromptFormatter, validate_inputs
-from .loading import context_length, load_for_generation
+from .loading import LoadOptions, context_length, load_for_generation
 from .results import RunSummary
 from .scheduling import BatchRunner, length_order, resolve_batch_size
 from .templates import Template, get_template
@@ -83,10 +83,7 @@ class SimpleGenerator:
             model_name_or_path,
             tokenizer_name_or_path=tokenizer_name_or_path,
             device=self.distribution.load_device(device, "device_map" in model_kwargs),
-            lora_weights=lora_weights,
-            merge_lora=merge_lora,
-            compile_model=compile_model,
-            use_bettertransformer=use_bettertransformer,
+            options=LoadOptions(lora_weights, merge_lora, compile_model, use_bettertransformer),
             **model_kwargs,
         )
         self.model_name_or_path = str(model_name_or_path)

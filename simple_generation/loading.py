@@ -134,14 +134,21 @@ def normalize_dtype_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """What to do to the model beyond ``from_pretrained`` (see :class:`~simple_generation.SimpleGenerator`)."""
+
+    lora_weights: str | None = None
+    merge_lora: bool = True
+    compile_model: bool = False
+    use_bettertransformer: bool = False
+
+
 def load_for_generation(
     model_name_or_path: str,
     tokenizer_name_or_path: str | None = None,
     device: str | torch.device | None = None,
-    lora_weights: str | None = None,
-    merge_lora: bool = True,
-    compile_model: bool = False,
-    use_bettertransformer: bool = False,
+    options: LoadOptions = LoadOptions(),
     **model_kwargs: Any,
 ) -> LoadedModel:
     """Config, tokenizer and model, placed on ``device`` (or per ``device_map``), ready for ``generate``.
@@ -171,7 +178,7 @@ def load_for_generation(
         placement = choose_placement(model_bytes, accelerator, free_memory)
     target = torch.device(placement.device) if placement.device is not None else None
     device_type = target.type if target is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    model_kwargs = attention_kwargs(use_bettertransformer, model_kwargs, device_type)
+    model_kwargs = attention_kwargs(options.use_bettertransformer, model_kwargs, device_type)
     if placement.device_map is not None:
         model_kwargs["device_map"] = placement.device_map
     elif target is not None and target.type == "cuda":
@@ -181,17 +188,17 @@ def load_for_generation(
     if target is not None and "device_map" not in model_kwargs:
         model.to(target)
     lora = None
-    if lora_weights is not None:
-        model, mode = attach_lora(model, lora_weights, merge_lora, quantized=quantization is not None,
-                                  **model_kwargs)
-        lora = f"{lora_weights} ({mode})"
-    if compile_model:
+    if options.lora_weights is not None:
+        model, mode = attach_lora(model, options.lora_weights, options.merge_lora,
+                                  quantized=quantization is not None, **model_kwargs)
+        lora = f"{options.lora_weights} ({mode})"
+    if options.compile_model:
         enable_compile(model, device_type)
     hf_map = getattr(model, "hf_device_map", None)
     where = str(model.device) if not hf_map or len(set(hf_map.values())) == 1 else \
         f"device_map over {sorted({str(v) for v in hf_map.values()})}"
     return LoadedModel(model, tokenizer, is_encoder_decoder, where, placement.reason, lora, quantization,
-                       compile_model, getattr(model.config, "_attn_implementation", None))
+                       options.compile_model, getattr(model.config, "_attn_implementation", None))
 
 
 def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:

@@ -17,21 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-PROMPTS = [
-    "Hi",
-    "Tell me what is two plus two?",
-    "Write a poem in the style of Leonardo da Vinci about the sea, the sky and the mountains at dawn. " * 4,
-    "a",
-    "Translate this sentence to Spanish, please: the quick brown fox jumps over the lazy dog.",
-    "Unicode: caffè, naïve, über, 你好 🙂",
-    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and more numbers 42 17",
-    "What kind of noises did dinosaurs make? " * 6,
-    "Once upon a time",
-    "Researchers evaluate models on thousands of prompts, and engineers generate data for training. " * 2,
-    "The library runs text generation over checkpoints:",
-    "   leading and trailing spaces   ",
-    "What is the most popular programming language?",
-]
+from tests.prompts import PROMPTS as _SHARED  # noqa: E402 - the repository root is on PYTHONPATH
+
+PROMPTS = [*_SHARED, "What is the most popular programming language?"]
 MAX_NEW_TOKENS = 6
 
 
