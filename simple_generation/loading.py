@@ -182,7 +182,8 @@ def load_for_generation(
     if placement.device_map is not None:
         model_kwargs["device_map"] = placement.device_map
     elif target is not None and target.type == "cuda":
-        model_kwargs["device_map"] = {"": str(target)}  # straight onto the GPU (and what quantized loads need)
+        index = target.index if target.index is not None else torch.cuda.current_device()
+        model_kwargs["device_map"] = {"": f"cuda:{index}"}  # straight onto the GPU (what quantized loads need)
 
     model = load_model(model_name_or_path, config, **model_kwargs)
     if target is not None and "device_map" not in model_kwargs:
