@@ -160,6 +160,8 @@ def load_for_generation(
     if device is not None and model_kwargs.get("device_map") is not None:
         raise ValueError("Pass either `device` or `device_map`, not both.")
     config = load_config(model_name_or_path, **model_kwargs)
+    if options.lora_weights is not None:
+        check_adapter_path(options.lora_weights)
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     tokenizer_kwargs = {k: model_kwargs[k] for k in _TOKENIZER_KWARGS if k in model_kwargs}
     if "gguf_file" in model_kwargs and tokenizer_name_or_path is None:
@@ -200,6 +202,19 @@ def load_for_generation(
         f"device_map over {sorted({str(v) for v in hf_map.values()})}"
     return LoadedModel(model, tokenizer, is_encoder_decoder, where, placement.reason, lora, quantization,
                        options.compile_model, getattr(model.config, "_attn_implementation", None))
+
+
+def check_adapter_path(lora_weights: str) -> None:
+    """A LoRA adapter that is neither a folder nor shaped like a hub id fails before the base model loads."""
+    name = str(lora_weights)
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "adapter_config.json")):
+            raise ModelLoadError(f"The LoRA adapter folder {name!r} has no adapter_config.json: pass a folder saved "
+                                 "with peft's save_pretrained.")
+        return
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) is None:
+        raise ModelLoadError(f"Could not load the LoRA adapter {name!r}: no such folder, and it is not a hub id "
+                             "(owner/name).")
 
 
 def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:

@@ -13,7 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,10 +53,12 @@ def _launch_command(num_processes: int, port: int, *extra: str) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *extra]
 
 
-def _launch(model: str, out_dir: Path, *script_args: str, num_processes: int = 2) -> subprocess.CompletedProcess:
+def _launch(model: str, out_dir: Path, *script_args: str, num_processes: int = 2,
+            timeout: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run a launch to its end; a launch that hangs raises subprocess.TimeoutExpired (the test fails)."""
     command = _launch_command(num_processes, _free_port(), "--num_machines", "1",
                               str(SCRIPT), model, str(out_dir), *script_args)
-    return subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    return subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def _ranks(out_dir: Path, world_size: int) -> list[dict]:
@@ -155,7 +156,6 @@ def test_different_prompts_on_different_ranks_raise():
 @pytest.mark.slow
 def test_two_processes_return_every_answer_in_order(llama_path, single_process_answers, tmp_path):
     cases = ["11:4", "1:4", "0:4", "13:auto", "5:1", "13:auto:oom"]
-    started = time.perf_counter()
     emissions = tmp_path / "emissions"
     result = _launch(llama_path, tmp_path, *[arg for case in cases for arg in ("--case", case)],
                      "--emissions-dir", str(emissions))
@@ -182,16 +182,12 @@ def test_two_processes_return_every_answer_in_order(llama_path, single_process_a
         assert record["last_run"]["13:auto:oom"]["batch_size"] <= 2
         assert record["last_run"]["13:auto"]["oom_retries"] == 0
         assert (record["last_run"]["11:4"]["energy_kwh"] is not None) is record["is_main"]
-    assert time.perf_counter() - started < LAUNCH_TIMEOUT_S
 
 
 @pytest.mark.slow
 def test_failure_on_one_rank_fails_the_launch_everywhere(llama_path, tmp_path):
-    started = time.perf_counter()
-    result = _launch(llama_path, tmp_path, "--case", "11:4", "--fail-rank", "1")
-    elapsed = time.perf_counter() - started
+    result = _launch(llama_path, tmp_path, "--case", "11:4", "--fail-rank", "1", timeout=60)  # no hang
     assert result.returncode != 0
-    assert elapsed < 60
     assert "injected failure on rank 1" in result.stderr
     for rank in (0, 1):  # rank 0 raised too (it did not wait at the gather, nor was it only killed)
         error = json.loads((tmp_path / f"rank{rank}.error.json").read_text())
@@ -202,10 +198,8 @@ def test_failure_on_one_rank_fails_the_launch_everywhere(llama_path, tmp_path):
 
 @pytest.mark.slow
 def test_crashed_rank_does_not_hang_the_others(llama_path, tmp_path):
-    started = time.perf_counter()
-    result = _launch(llama_path, tmp_path, "--case", "11:4", "--crash-rank", "1")
+    result = _launch(llama_path, tmp_path, "--case", "11:4", "--crash-rank", "1", timeout=60)  # no hang
     assert result.returncode != 0
-    assert time.perf_counter() - started < 60
     assert re.search(r"exitcode\s*:\s*3\b", result.stderr)  # torchrun's report names the process that died
 
 

@@ -62,9 +62,14 @@ def test_lora_answers_equal_peft_and_differ_from_base(llama_path, lora_adapter, 
     assert answers == _peft_reference(llama_path, lora_adapter, prompts)
 
 
-def test_missing_lora_adapter_is_a_clear_error(llama_path, tmp_path):
+def test_missing_lora_adapter_fails_before_the_weights_load(llama_path, tmp_path):
+    import shutil
+
+    no_weights = tmp_path / "no-weights"  # config and tokenizer only: loading the weights would fail first
+    shutil.copytree(llama_path, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(OSError, match="LoRA adapter"):
-        SimpleGenerator(llama_path, device="cpu", lora_weights=str(tmp_path / "no-adapter"), track_emissions=False)
+        SimpleGenerator(str(no_weights), device="cpu", lora_weights=str(tmp_path / "no-adapter"),
+                        track_emissions=False)
 
 
 # ------------------------------------------------------------------ quantization

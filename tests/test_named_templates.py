@@ -1,7 +1,5 @@
 """Named templates through the generator: prompt text, answers, stop strings and ids, multi-turn, errors."""
 
-import time
-
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -55,11 +53,10 @@ def test_original_spelling_system_prompts(llama_path):
     assert generator.formatter.format(["Hi"]) == [render_conversation("llama-2", [{"role": "user", "content": "Hi"}])]
 
 
-def test_unknown_template_fails_fast_with_suggestions(llama_path):
-    started = time.perf_counter()
+def test_unknown_template_fails_before_loading_with_suggestions(tmp_path):
+    # the model path does not exist: the template error coming first shows nothing was loaded
     with pytest.raises(ValueError, match="'vicuna_v1.1'"):
-        SimpleGenerator(llama_path, system_prompt="vicuna-v1.1", track_emissions=False)
-    assert time.perf_counter() - started < 5  # raised before loading the model; generous bound
+        SimpleGenerator(str(tmp_path / "no-model"), system_prompt="vicuna-v1.1", track_emissions=False)
 
 
 class ForceTokens(LogitsProcessor):
