@@ -40,10 +40,13 @@ class HFEngine:
         pad_id = self.tokenizer.pad_token_id
         input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+        # left padding for decoder-only models, right padding for encoders (see load_tokenizer)
+        right = self.is_encoder_decoder
         for row, ids in enumerate(token_ids):
             if ids:
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids):] = 1
+                span = slice(0, len(ids)) if right else slice(width - len(ids), width)
+                input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, span] = 1
         device = self.input_device
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 

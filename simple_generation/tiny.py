@@ -25,7 +25,7 @@ Once upon a time there was a small model that learned to answer questions polite
 What kind of noises did dinosaurs make? What is the most popular programming language?
 """
 
-ARCHITECTURES = ("llama", "gpt2", "t5")
+ARCHITECTURES = ("llama", "gpt2", "t5", "bart")
 
 
 def _train_tokenizer(arch: str, vocab_size: int):
@@ -36,6 +36,7 @@ def _train_tokenizer(arch: str, vocab_size: int):
         "llama": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
         "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
         "t5": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
+        "bart": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
     }[arch]
     special_tokens = list(dict.fromkeys(
         ([specials["pad_token"]] if "pad_token" in specials else []) + list(specials.values())
@@ -53,6 +54,12 @@ def _train_tokenizer(arch: str, vocab_size: int):
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
         )
+    elif arch == "bart":
+        bos, eos = specials["bos_token"], specials["eos_token"]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B {eos}",
+            special_tokens=[(bos, tokenizer.token_to_id(bos)), (eos, tokenizer.token_to_id(eos))],
+        )
     elif arch == "t5":
         eos = specials["eos_token"]
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -62,7 +69,7 @@ def _train_tokenizer(arch: str, vocab_size: int):
 
 
 def _model_config(arch: str, tokenizer, hidden: int, layers: int, heads: int, context: int, init: float):
-    from transformers import GPT2Config, LlamaConfig, T5Config
+    from transformers import BartConfig, GPT2Config, LlamaConfig, T5Config
 
     vocab = len(tokenizer)
     if arch == "llama":
@@ -76,6 +83,15 @@ def _model_config(arch: str, tokenizer, hidden: int, layers: int, heads: int, co
         return GPT2Config(
             vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context,
             initializer_range=init, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    if arch == "bart":  # learned absolute positions in the encoder: padding on the wrong side shows
+        return BartConfig(
+            vocab_size=vocab, d_model=hidden, encoder_layers=layers, decoder_layers=layers,
+            encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=hidden * 4,
+            decoder_ffn_dim=hidden * 4, max_position_embeddings=context, init_std=init,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+            forced_bos_token_id=None, forced_eos_token_id=None,
         )
     return T5Config(
         vocab_size=vocab, d_model=hidden, d_kv=hidden // heads, d_ff=hidden * 4, num_layers=layers,
@@ -111,7 +127,7 @@ def build_tiny_checkpoint(
     tokenizer = _train_tokenizer(arch, vocab_size)
     config = _model_config(arch, tokenizer, hidden, layers, heads, context, init)
     torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
+    auto = AutoModelForSeq2SeqLM if arch in ("t5", "bart") else AutoModelForCausalLM
     model = auto.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     path.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from simple_generation.tiny import build_tiny_checkpoint  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    return {arch: str(build_tiny_checkpoint(root / arch, arch)) for arch in ("llama", "gpt2", "t5")}
+    return {arch: str(build_tiny_checkpoint(root / arch, arch)) for arch in ("llama", "gpt2", "t5", "bart")}
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,11 @@ def gpt2_path(tiny_checkpoints):
 @pytest.fixture(scope="session")
 def t5_path(tiny_checkpoints):
     return tiny_checkpoints["t5"]
+
+
+@pytest.fixture(scope="session")
+def bart_path(tiny_checkpoints):
+    return tiny_checkpoints["bart"]
 
 
 from .prompts import PROMPTS  # noqa: E402,F401 - re-exported for the tests

@@ -10,7 +10,7 @@ from .reference import hf_greedy
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "t5"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "t5", "bart"])
 def arch_case(request, tiny_checkpoints):
     path = tiny_checkpoints[request.param]
     generator = SimpleGenerator(path, device="cpu")
@@ -62,10 +62,11 @@ def test_num_return_sequences_groups_answers_per_prompt(llama_path):
     assert all(isinstance(a, list) and len(a) == 3 and all(isinstance(x, str) for x in a) for a in answers)
 
 
-def test_beam_search_matches_hf(llama_path):
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_beam_search_matches_hf(llama_path, batch_size):
     generator = SimpleGenerator(llama_path, device="cpu")
     expected = hf_greedy(llama_path, PROMPTS[:6], 8, num_beams=3)
-    answers = generator(PROMPTS[:6], num_beams=3, do_sample=False, max_new_tokens=8, batch_size=1,
+    answers = generator(PROMPTS[:6], num_beams=3, do_sample=False, max_new_tokens=8, batch_size=batch_size,
                         skip_prompt=True, show_progress_bar=False)
     assert answers == expected
 
@@ -74,3 +75,23 @@ def test_single_string_input_returns_list(gpt2_path):
     generator = SimpleGenerator(gpt2_path, device="cpu")
     answers = generator("Hello", max_new_tokens=4, temperature=0, show_progress_bar=False)
     assert isinstance(answers, list) and len(answers) == 1
+
+
+def test_pad_token_outside_the_embeddings_falls_back_to_eos(llama_path, tmp_path, caplog):
+    """A tokenizer whose pad token was added without resizing the model must not crash padded batches."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "added-pad"
+    shutil.copytree(llama_path, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"pad_token": "<new-pad>"})
+    tokenizer.save_pretrained(folder)
+    with caplog.at_level("WARNING", logger="simple_generation"):
+        generator = SimpleGenerator(str(folder), device="cpu")
+    assert generator.tokenizer.pad_token_id == generator.tokenizer.eos_token_id
+    assert "outside the model's" in caplog.text
+    answers = generator(PROMPTS, batch_size=4, max_new_tokens=MAX_NEW, temperature=0, skip_prompt=True,
+                        show_progress_bar=False)
+    assert answers == hf_greedy(llama_path, PROMPTS, MAX_NEW)
