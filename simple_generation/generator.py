@@ -114,7 +114,7 @@ class SimpleGenerator:
 
     # ------------------------------------------------------------------ inputs
     def _tokenize(self, prompts: list[str], max_new_tokens: int, truncate: bool) -> list[list[int]]:
-        token_ids = self.formatter.tokenize(prompts)
+        token_ids = self._start_empty_prompts(self.formatter.tokenize(prompts))
         limit = self.context_length
         if limit is None:
             return token_ids
@@ -146,6 +146,25 @@ class SimpleGenerator:
                     "their answers may be cut or degrade.", len(overflow), max_new_tokens, limit,
                 )
         return token_ids
+
+    def _start_empty_prompts(self, token_ids: list[list[int]]) -> list[list[int]]:
+        """A prompt with no tokens starts from BOS, as ``model.generate()`` without inputs does."""
+        empty = [i for i, ids in enumerate(token_ids) if not ids]
+        if not empty:
+            return token_ids
+        bos = self.model.generation_config.bos_token_id
+        if isinstance(bos, list):
+            bos = bos[0] if bos else None
+        if bos is None:
+            bos = self.tokenizer.bos_token_id
+        if bos is None or self.is_encoder_decoder:
+            raise ValueError(
+                f"Prompt {empty[0]} is empty after tokenization ({len(empty)} such prompt(s)) and "
+                + ("an encoder-decoder needs encoder input" if self.is_encoder_decoder
+                   else "the model has no BOS token to start from")
+                + ": give it some text."
+            )
+        return [ids or [bos] for ids in token_ids]
 
     def _add_template_stops(self, config_kwargs: dict[str, Any], call_kwargs: dict[str, Any]) -> None:
         """A named template's stop strings and stop token ids end generation (unless the call sets its own)."""

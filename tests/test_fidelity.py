@@ -95,3 +95,21 @@ def test_pad_token_outside_the_embeddings_falls_back_to_eos(llama_path, tmp_path
     answers = generator(PROMPTS, batch_size=4, max_new_tokens=MAX_NEW, temperature=0, skip_prompt=True,
                         show_progress_bar=False)
     assert answers == hf_greedy(llama_path, PROMPTS, MAX_NEW)
+
+
+def test_empty_prompt_starts_from_bos_like_hf(gpt2_path):
+    """GPT-2's tokenizer gives no token for "": like ``model.generate()`` without inputs, start from BOS."""
+    import torch
+
+    from .reference import load_reference
+
+    model, tokenizer = load_reference(gpt2_path)
+    reference = model.generate(max_new_tokens=MAX_NEW, do_sample=False)
+    assert tokenizer("")["input_ids"] == []
+    expected = tokenizer.decode(reference[0], skip_special_tokens=True)
+    generator = SimpleGenerator(gpt2_path, device="cpu")
+    answers = generator(["", PROMPTS[1], ""], batch_size=3, max_new_tokens=MAX_NEW, temperature=0,
+                        show_progress_bar=False)
+    assert answers[0] == answers[2] == expected
+    assert answers[1] == PROMPTS[1] + hf_greedy(gpt2_path, [PROMPTS[1]], MAX_NEW, (model, tokenizer))[0]
+    assert torch.equal(reference[0, :1], torch.tensor([tokenizer.bos_token_id]))
