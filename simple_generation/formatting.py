@@ -115,7 +115,20 @@ class PromptFormatter:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def format(self, inputs: Sequence[str | list[Message]]) -> list[str]:
-        return [self.format_one(item) for item in inputs]
+        formatted = []
+        for index, item in enumerate(inputs):
+            try:
+                formatted.append(self.format_one(item))
+            except Exception as err:
+                if self.template is not None or type(err).__name__ != "TemplateError":
+                    raise
+                # jinja's TemplateError: the chat template itself refused (raise_exception in the template)
+                raise ValueError(
+                    f"The tokenizer's chat template rejected texts[{index}]: {err}. Some templates accept no "
+                    "system message or need user/assistant turns to alternate; adjust the conversation or "
+                    "system_message."
+                ) from err
+        return formatted
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids; a prompt whose text already starts with the BOS token gets no second one."""

@@ -137,3 +137,21 @@ def test_multi_turn_without_template_uses_plain_transcript(llama_path):
                                                             show_progress_bar=False)
     assert str(conversation).startswith("User: Hi\nAssistant: ")
     assert len(conversation.answers) == 2
+
+
+def test_chat_template_refusal_names_the_conversation(chat_path, tmp_path):
+    """A template that refuses a system message (as Gemma's and Mistral's do) fails before generation."""
+    path = tmp_path / "no-system"
+    shutil.copytree(chat_path, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + CHAT_TEMPLATE
+    )
+    tokenizer.save_pretrained(path)
+    generator = SimpleGenerator(str(path), device="cpu", apply_chat_template=True, track_emissions=False)
+    good = [{"role": "user", "content": "hi"}]
+    bad = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match=r"rejected texts\[1\]: System role not supported"):
+        generator([good, bad], max_new_tokens=2)
+    assert generator.last_run.prompts == 0
