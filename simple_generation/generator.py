@@ -345,13 +345,21 @@ class SimpleGenerator:
 
     # ------------------------------------------------------------------ conversations
     def conversation_from_user_prompts(
-        self, user_prompts: Sequence[str] | Sequence[Sequence[str]], **kwargs: Any
-    ) -> Conversation | list[Conversation]:
+        self,
+        user_prompts: Sequence[str] | Sequence[Sequence[str]],
+        return_conversation: bool | None = None,
+        return_last_response: bool | None = None,
+        **kwargs: Any,
+    ) -> Conversation | list[Conversation] | tuple:
         """Run a multi-turn conversation whose user turns are fixed in advance.
 
-        Each user prompt is sent with the whole history so far, and the answer is appended. Takes the
-        same keywords as ``__call__``. Given a list of prompt lists, runs many conversations at once:
-        turn ``k`` of every conversation is one batched call.
+        Each user prompt is sent with the whole history so far, and the answer is appended. The history is
+        formatted with the named template, else the tokenizer's chat template, else as a plain
+        ``User:``/``Assistant:`` transcript. Takes the same keywords as ``__call__``. Given a list of prompt
+        lists, runs many conversations at once: turn ``k`` of every conversation is one batched call.
+
+        ``return_conversation`` / ``return_last_response`` keep the original API: when either is given,
+        the result is a tuple ``(conversation, last_response)`` holding the requested items.
 
         Example:
             >>> conversation = gen.conversation_from_user_prompts(                    # doctest: +SKIP
@@ -364,21 +372,26 @@ class SimpleGenerator:
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise TypeError(f"user_prompts[{index}] must be a non-empty list of strings.")
         kwargs["skip_prompt"] = True
+        templated = self.formatter.template is not None or bool(getattr(self.tokenizer, "chat_template", None))
         conversations = [
             Conversation(template=self.formatter.template, system_message=self.formatter.system_message,
-                         tokenizer=self.tokenizer if self.formatter.apply_chat_template else None)
+                         tokenizer=self.tokenizer if self.formatter.template is None else None)
             for _ in batches
         ]
         for turn in range(max((len(p) for p in batches), default=0)):
             active = [i for i, prompts in enumerate(batches) if turn < len(prompts)]
             for i in active:
                 conversations[i].messages.append({"role": "user", "content": batches[i][turn]})
-            if self.formatter.template is not None or self.formatter.apply_chat_template:
+            if templated:  # messages go through the named template or the tokenizer's chat template
                 requests = [list(conversations[i].messages) for i in active]
-            else:  # no template: the plain transcript is the prompt
+            else:  # no template at all: the plain transcript is the prompt
                 requests = [f"{conversations[i]}\nAssistant:" for i in active]
             answers = self(requests, **kwargs)
             for i, answer in zip(active, answers):
                 content = answer if isinstance(answer, str) else answer[0]
                 conversations[i].messages.append({"role": "assistant", "content": content.strip()})
-        return conversations[0] if single else conversations
+        result = conversations[0] if single else conversations
+        if return_conversation is None and return_last_response is None:
+            return result
+        last = result.answers[-1] if single else [c.answers[-1] for c in conversations]
+        return ((result,) if return_conversation in (None, True) else ()) + ((last,) if return_last_response else ())

@@ -104,10 +104,13 @@ def test_malformed_conversations(chat_generator, bad, match):
         chat_generator(bad, max_new_tokens=2)
 
 
-def test_multi_turn_with_chat_template_sends_whole_history(chat_generator, chat_path):
+@pytest.mark.parametrize("flag", [True, False], ids=["apply_chat_template", "tokenizer-template-by-default"])
+def test_multi_turn_with_chat_template_sends_whole_history(chat_path, flag):
+    """With no named template, the tokenizer's chat template formats the history, flag or not."""
+    generator = SimpleGenerator(chat_path, device="cpu", apply_chat_template=flag, track_emissions=False)
     user_turns = ["Hi there", "What is 2 + 2?", "Tell me a story"]
-    conversation = chat_generator.conversation_from_user_prompts(user_turns, max_new_tokens=5, temperature=0,
-                                                                 show_progress_bar=False)
+    conversation = generator.conversation_from_user_prompts(user_turns, max_new_tokens=5, temperature=0,
+                                                            show_progress_bar=False)
     messages = conversation.messages
     assert [m["role"] for m in messages] == ["user", "assistant"] * 3
     assert [m["content"] for m in messages[::2]] == user_turns
@@ -129,6 +132,19 @@ def test_many_conversations_batched_equal_one_at_a_time(chat_generator):
     for conversation, turns in zip(many, [["Hi", "More"], ["One", "Two", "Three"], ["Solo"]]):
         alone = chat_generator.conversation_from_user_prompts(turns, **kwargs)
         assert conversation.messages == alone.messages
+
+
+def test_original_return_flags_give_a_tuple(chat_generator):
+    kwargs = dict(max_new_tokens=4, temperature=0, show_progress_bar=False)
+    plain = chat_generator.conversation_from_user_prompts(["Hi", "More"], **kwargs)
+    conversation, last_response = chat_generator.conversation_from_user_prompts(
+        ["Hi", "More"], return_conversation=True, return_last_response=True, **kwargs)
+    assert conversation.messages == plain.messages
+    assert last_response == plain.answers[-1]
+    (only,) = chat_generator.conversation_from_user_prompts(["Hi", "More"], return_conversation=True, **kwargs)
+    assert str(only) == str(plain)
+    assert chat_generator.conversation_from_user_prompts(
+        ["Hi", "More"], return_conversation=False, return_last_response=True, **kwargs) == (plain.answers[-1],)
 
 
 def test_multi_turn_without_template_uses_plain_transcript(llama_path):
