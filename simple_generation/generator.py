@@ -49,6 +49,7 @@ class SimpleGenerator:
         system_prompt: a named template (see ``available_system_prompts()``); ``system_prompts`` also works.
         system_message: the system message for the template (named or the tokenizer's).
         apply_chat_template: format prompts with the tokenizer's own chat template.
+        add_generation_prompt: end a chat-template prompt with the assistant's opening (default True).
         track_emissions: append a row per call to ``<emissions_dir>/emissions.csv`` (codecarbon).
         generation_defaults: replaces :class:`DefaultGenerationConfig` for every call.
         **model_kwargs: for ``from_pretrained``; ``load_in_8bit``/``load_in_4bit`` become a
@@ -67,6 +68,7 @@ class SimpleGenerator:
         system_prompt: str | Template | None = None,
         system_message: str | None = None,
         apply_chat_template: bool = False,
+        add_generation_prompt: bool = True,
         track_emissions: bool = True,
         emissions_dir: str = ".",
         generation_defaults: DefaultGenerationConfig | None = None,
@@ -102,7 +104,7 @@ class SimpleGenerator:
         )
         self.formatter = PromptFormatter(
             self.tokenizer, template=system_prompt, system_message=system_message,
-            apply_chat_template=apply_chat_template,
+            apply_chat_template=apply_chat_template, add_generation_prompt=add_generation_prompt,
         )
         self.track_emissions = track_emissions
         self.emissions_dir = emissions_dir
@@ -146,6 +148,23 @@ class SimpleGenerator:
                     "their answers may be cut or degrade.", len(overflow), max_new_tokens, limit,
                 )
         return token_ids
+
+    def _formatter_for_call(self, generation_kwargs: dict[str, Any]) -> PromptFormatter:
+        """The constructor's formatter, or one with this call's ``apply_chat_template``/``add_generation_prompt``.
+
+        The original API took both at call time; ``num_workers`` (its DataLoader workers) has no use here.
+        """
+        generation_kwargs.pop("num_workers", None)
+        options = {k: generation_kwargs.pop(k) for k in ("apply_chat_template", "add_generation_prompt")
+                   if k in generation_kwargs}
+        if not options:
+            return self.formatter
+        current = self.formatter
+        return PromptFormatter(
+            self.tokenizer, template=current.template, system_message=current.system_message,
+            apply_chat_template=options.get("apply_chat_template", current.apply_chat_template),
+            add_generation_prompt=options.get("add_generation_prompt", current.add_generation_prompt),
+        )
 
     def _start_empty_prompts(self, token_ids: list[list[int]]) -> list[list[int]]:
         """A prompt with no tokens starts from BOS, as ``model.generate()`` without inputs does."""
@@ -232,7 +251,8 @@ class SimpleGenerator:
         Example:
             >>> gen(["Tell me what's 2 + 2."], max_new_tokens=32, skip_prompt=True)   # doctest: +SKIP
         """
-        prompts = self.formatter.format(validate_inputs(texts))
+        formatter = self._formatter_for_call(generation_kwargs)
+        prompts = formatter.format(validate_inputs(texts))
         if not prompts:
             self.last_run = RunSummary()
             return []

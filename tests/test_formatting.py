@@ -171,3 +171,23 @@ def test_chat_template_refusal_names_the_conversation(chat_path, tmp_path):
     with pytest.raises(ValueError, match=r"rejected texts\[1\]: System role not supported"):
         generator([good, bad], max_new_tokens=2)
     assert generator.last_run.prompts == 0
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_options_at_call_time(chat_path, add_generation_prompt):
+    """The original API took apply_chat_template/add_generation_prompt (and num_workers) in the call."""
+    generator = SimpleGenerator(chat_path, device="cpu", track_emissions=False)
+    tokenizer = AutoTokenizer.from_pretrained(chat_path)
+    prompts = ["Hi there", "What is 2 + 2?"]
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=add_generation_prompt) for p in prompts]
+    expected = _greedy_on_text(chat_path, rendered, 5, add_special_tokens=False)
+    answers = generator(prompts, apply_chat_template=True, add_generation_prompt=add_generation_prompt,
+                        num_workers=4, max_new_tokens=5, temperature=0, skip_prompt=True, show_progress_bar=False)
+    assert answers == expected
+    plain = generator(prompts, max_new_tokens=5, temperature=0, skip_prompt=True, show_progress_bar=False)
+    assert plain == _greedy_on_text(chat_path, prompts, 5, add_special_tokens=True)  # the call did not stick
+    constructed = SimpleGenerator(chat_path, device="cpu", apply_chat_template=True,
+                                  add_generation_prompt=add_generation_prompt, track_emissions=False)
+    assert constructed(prompts, max_new_tokens=5, temperature=0, skip_prompt=True,
+                       show_progress_bar=False) == expected
