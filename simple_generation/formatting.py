@@ -86,6 +86,11 @@ class PromptFormatter:
             raise ValueError("system_message needs a template: pass system_prompt=<name> or apply_chat_template=True.")
 
     @property
+    def formats_conversations(self) -> bool:
+        """Whether message lists can be formatted: a named template, or a tokenizer with a chat template."""
+        return self.template is not None or bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
     def stop_strings(self) -> list[str]:
         return self.template.stop_strings if self.template is not None else []
 
@@ -104,7 +109,7 @@ class PromptFormatter:
         return item
 
     def _apply_chat_template(self, messages: list[Message]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.formats_conversations:
             raise ValueError(
                 "Conversations need a template: pass system_prompt=<name> (see available_system_prompts()) or "
                 "use a tokenizer with a chat template and apply_chat_template=True."

@@ -171,9 +171,7 @@ class SimpleGenerator:
         empty = [i for i, ids in enumerate(token_ids) if not ids]
         if not empty:
             return token_ids
-        bos = self.model.generation_config.bos_token_id
-        if isinstance(bos, list):
-            bos = bos[0] if bos else None
+        bos = _first_token_id(self.model.generation_config.bos_token_id)
         if bos is None:
             bos = self.tokenizer.bos_token_id
         if bos is None or self.is_encoder_decoder:
@@ -271,9 +269,7 @@ class SimpleGenerator:
     def _generate(self, token_ids, generation_config, call_kwargs, size, auto, skip_prompt,
                   show_progress_bar, log_batch_sample, sort) -> list:
         eos_ids = self._eos_ids(generation_config)
-        start_id = generation_config.decoder_start_token_id
-        if isinstance(start_id, list):
-            start_id = start_id[0] if start_id else None
+        start_id = _first_token_id(generation_config.decoder_start_token_id)
         n_return = generation_config.num_return_sequences or 1
         stop_strings = generation_config.stop_strings or []
         stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
@@ -392,10 +388,10 @@ class SimpleGenerator:
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise TypeError(f"user_prompts[{index}] must be a non-empty list of strings.")
         kwargs["skip_prompt"] = True
-        templated = self.formatter.template is not None or bool(getattr(self.tokenizer, "chat_template", None))
+        templated = self.formatter.formats_conversations
         conversations = [
             Conversation(template=self.formatter.template, system_message=self.formatter.system_message,
-                         tokenizer=self.tokenizer if self.formatter.template is None else None)
+                         tokenizer=self.tokenizer)
             for _ in batches
         ]
         for turn in range(max((len(p) for p in batches), default=0)):
@@ -415,3 +411,10 @@ class SimpleGenerator:
             return result
         last = result.answers[-1] if single else [c.answers[-1] for c in conversations]
         return ((result,) if return_conversation in (None, True) else ()) + ((last,) if return_last_response else ())
+
+
+def _first_token_id(value: int | list[int] | None) -> int | None:
+    """A generation config's token id setting, which may be a list (the first one counts)."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value

@@ -27,6 +27,7 @@ from .model_options import (
     choose_placement,
     enable_compile,
     estimate_model_bytes,
+    model_quantization,
     quantization_method,
     translate_quantization,
 )
@@ -85,12 +86,15 @@ def load_config(name_or_path: str, **kwargs: Any) -> PretrainedConfig:
         raise ModelLoadError(f"Could not load the model config for {name_or_path!r}. {hint} ({err})") from err
 
 
-def load_tokenizer(name_or_path: str, padding_side: str = "left", **kwargs: Any) -> PreTrainedTokenizerBase:
-    """Tokenizer padding on ``padding_side``; a tokenizer without pad token pads with EOS.
+def load_tokenizer(name_or_path: str, padding_side: str = "left", vocab_size: int | None = None,
+                   **kwargs: Any) -> PreTrainedTokenizerBase:
+    """Tokenizer padding on ``padding_side``, with a pad token the model can embed.
 
     Decoder-only models pad on the left so every prompt ends where generation starts; encoder-decoders
     pad on the right, because encoders with absolute positions (BART, Marian, Pegasus...) would
-    otherwise see each prompt shifted by its padding.
+    otherwise see each prompt shifted by its padding. A tokenizer without a pad token pads with EOS; so
+    does one whose pad id is past the model's ``vocab_size`` (some tokenizer classes add a default pad
+    token the checkpoint never had, which would crash the first padded batch).
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
@@ -100,14 +104,22 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left", **kwargs: Any)
             f"tokenizer lives elsewhere. ({err})"
         ) from err
     tokenizer.padding_side = padding_side
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelLoadError(
-                f"The tokenizer of {name_or_path!r} has neither a pad nor an EOS token; batched generation "
-                "needs one. Set `tokenizer.pad_token` and pass the tokenizer's folder."
-            )
-        logger.warning("The tokenizer has no pad token: padding with the EOS token %r.", tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
+
+    def embeddable(token_id: int | None) -> bool:
+        return token_id is not None and (vocab_size is None or token_id < vocab_size)
+
+    if tokenizer.pad_token is not None and embeddable(tokenizer.pad_token_id):
+        return tokenizer
+    problem = "The tokenizer has no pad token" if tokenizer.pad_token is None else (
+        f"The tokenizer's pad token {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}) is outside the "
+        f"model's {vocab_size} embeddings")
+    if tokenizer.eos_token is None or not embeddable(tokenizer.eos_token_id):
+        raise ModelLoadError(
+            f"{problem}, and it has no usable EOS token to pad with instead ({name_or_path!r}); batched "
+            "generation needs one. Set `tokenizer.pad_token` and pass the tokenizer's folder."
+        )
+    logger.warning("%s: padding with the EOS token %r.", problem, tokenizer.eos_token)
+    tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -172,10 +184,10 @@ def load_for_generation(
     if "gguf_file" in model_kwargs and tokenizer_name_or_path is None:
         tokenizer_kwargs["gguf_file"] = model_kwargs["gguf_file"]
     tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
-                               padding_side="right" if is_encoder_decoder else "left", **tokenizer_kwargs)
+                               padding_side="right" if is_encoder_decoder else "left",
+                               vocab_size=getattr(config.get_text_config(), "vocab_size", None), **tokenizer_kwargs)
 
-    quantization = quantization_method(model_kwargs.get("quantization_config")) or \
-        quantization_method(getattr(config, "quantization_config", None))
+    quantization = model_quantization(model_kwargs, config)
     if model_kwargs.get("device_map") is not None:
         placement = Placement(None, model_kwargs["device_map"], "device_map given")
     elif device is not None:
@@ -194,7 +206,6 @@ def load_for_generation(
         model_kwargs["device_map"] = {"": f"cuda:{index}"}  # straight onto the GPU (what quantized loads need)
 
     model = load_model(model_name_or_path, config, **model_kwargs)
-    check_pad_token(model, tokenizer)
     if target is not None and "device_map" not in model_kwargs:
         model.to(target)
     lora = None
@@ -209,27 +220,6 @@ def load_for_generation(
         f"device_map over {sorted({str(v) for v in hf_map.values()})}"
     return LoadedModel(model, tokenizer, is_encoder_decoder, where, placement.reason, lora, quantization,
                        options.compile_model, getattr(model.config, "_attn_implementation", None))
-
-
-def check_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Pad with EOS when the tokenizer's pad id has no row in the model's embeddings.
-
-    Some tokenizer classes add a default pad token the checkpoint never had (an id past the
-    vocabulary): padding with it would crash the first batch with an index error.
-    """
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
-    pad_id = tokenizer.pad_token_id
-    if rows is None or pad_id is None or pad_id < rows:
-        return
-    if tokenizer.eos_token_id is None or tokenizer.eos_token_id >= rows:
-        raise ModelLoadError(
-            f"The tokenizer's pad token {tokenizer.pad_token!r} (id {pad_id}) is outside the model's "
-            f"{rows} embeddings and there is no usable EOS token to pad with instead; pass a matching tokenizer."
-        )
-    logger.warning("The tokenizer's pad token %r (id %d) is outside the model's %d embeddings: padding with "
-                   "the EOS token %r.", tokenizer.pad_token, pad_id, rows, tokenizer.eos_token)
-    tokenizer.pad_token = tokenizer.eos_token
 
 
 def check_adapter_path(lora_weights: str) -> None:

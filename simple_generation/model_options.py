@@ -66,6 +66,12 @@ def quantization_method(config: Any) -> str | None:
     return "bitsandbytes" if method.startswith("bitsandbytes") else method
 
 
+def model_quantization(kwargs: dict[str, Any], config: Any) -> str | None:
+    """The quantization method a load will use: the ``quantization_config`` passed, else the checkpoint's."""
+    return quantization_method(kwargs.get("quantization_config")) or \
+        quantization_method(getattr(config, "quantization_config", None))
+
+
 def check_bitsandbytes_usable(option: str) -> None:
     if not torch.cuda.is_available():
         raise RuntimeError(
@@ -169,8 +175,7 @@ def estimate_model_bytes(model_cls, config, kwargs: dict[str, Any]) -> int | Non
     except Exception as err:  # noqa: BLE001 - an estimate; remote code may not build on the meta device
         logger.debug("Could not estimate the model size: %s", err)
         return None
-    method = quantization_method(kwargs.get("quantization_config")) or \
-        quantization_method(getattr(config, "quantization_config", None))
+    method = model_quantization(kwargs, config)
     quantization = kwargs.get("quantization_config")
     if method == "bitsandbytes" and getattr(quantization, "load_in_4bit", False):
         return numel // 2
