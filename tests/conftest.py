@@ -31,11 +31,6 @@ def t5_path(tiny_checkpoints):
     return tiny_checkpoints["t5"]
 
 
-@pytest.fixture(scope="session")
-def bart_path(tiny_checkpoints):
-    return tiny_checkpoints["bart"]
-
-
 from .prompts import PROMPTS  # noqa: E402,F401 - re-exported for the tests
 
 
