@@ -134,9 +134,9 @@ def _colon_single(t: Template, system: str, turns: Turns, space: bool = False) -
     return out
 
 
-def _colon_two(t: Template, system: str, turns: Turns) -> str:
+def _colon_two(t: Template, system: str, turns: Turns, sep_after_system: bool = True) -> str:
     seps = (t.sep, t.sep2)
-    out = system + t.sep
+    out = system + t.sep if sep_after_system else system
     for i, (role, content) in enumerate(turns):
         out += f"{role}: {content}{seps[i % 2]}" if content else role + ":"
     return out
@@ -253,14 +253,6 @@ def _metamath(t: Template, system: str, turns: Turns) -> str:
     return out
 
 
-def _deepseek_chat(t: Template, system: str, turns: Turns) -> str:
-    seps = (t.sep, t.sep2)
-    out = system
-    for i, (role, content) in enumerate(turns):
-        out += f"{role}: {content}{seps[i % 2]}" if content else role + ":"
-    return out
-
-
 def _yuan2(t: Template, system: str, turns: Turns) -> str:
     out = system + t.sep2 if t.system_message else ""
     for _, content in turns:
@@ -286,7 +278,7 @@ _STYLES: dict[str, Callable[[Template, str, Turns], str]] = {
     "ROBIN": _robin,
     "FALCON_CHAT": _falcon_chat,
     "CHATGLM3": _chatglm3,
-    "DEEPSEEK_CHAT": _deepseek_chat,
+    "DEEPSEEK_CHAT": functools.partial(_colon_two, sep_after_system=False),
     "METAMATH": _metamath,
     "YUAN2": _yuan2,
 }
