@@ -1,0 +1,47 @@
+"""The protocol every engine implements, and the statistics it keeps.
+
+An engine takes :class:`~simple_generation.requests.Request` objects and yields
+``(request, EngineOutput)`` pairs as each request finishes, in completion order. It knows its
+model/runtime and token ids; never templates, the store, files or decoding. Adding an engine is
+adding one module under ``simple_generation/engines/`` and one line in its registry
+(:mod:`simple_generation.engines`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ..requests import EngineOutput, GenerationParams, Request
+
+
+@dataclass
+class EngineStats:
+    """Counters an engine updates while it runs (read after the stream ends)."""
+
+    batches: int = 0
+    batch_size: int = 0          # the (last) batch size / number of slots used
+    oom_retries: int = 0
+    generated_tokens: int = 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Requests in, finished outputs out.
+
+    ``run`` must yield every request exactly once. Out-of-memory is the engine's to handle (shrink
+    and retry; never drop finished work). Any other failure: with ``isolate_errors=False`` raise
+    (what was already yielded is kept by the caller); with ``isolate_errors=True`` narrow it down to
+    the requests that fail on their own and yield those with ``EngineOutput(error=...)``.
+    """
+
+    name: str
+    stats: EngineStats
+
+    def unsupported(self, params: GenerationParams) -> str | None:
+        """Why this engine cannot run requests with these parameters (None when it can)."""
+
+    def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
+            ) -> Iterator[tuple[Request, EngineOutput]]:
+        """Yield ``(request, output)`` for every request as it finishes."""
