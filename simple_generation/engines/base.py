@@ -10,8 +10,8 @@ adding one module under ``simple_generation/engines/`` and one line in its regis
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from ..requests import EngineOutput, GenerationParams, Request
 
@@ -38,6 +38,7 @@ class Engine(Protocol):
 
     name: str
     stats: EngineStats
+    needs_hf_model: bool  # class attribute: whether the façade must load the HF model for it
 
     def unsupported(self, params: GenerationParams) -> str | None:
         """Why this engine cannot run requests with these parameters (None when it can)."""
@@ -45,3 +46,25 @@ class Engine(Protocol):
     def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
             ) -> Iterator[tuple[Request, EngineOutput]]:
         """Yield ``(request, output)`` for every request as it finishes."""
+
+
+@dataclass
+class EngineContext:
+    """What the façade hands an engine class to build an engine (``EngineClass.create(context)``).
+
+    HF engines (``needs_hf_model = True`` on the class) get the loaded ``model``; engines with their
+    own runtime (vLLM, OpenVINO) get ``model=None`` and load from ``model_name_or_path`` themselves,
+    with the user's loading keywords in ``model_kwargs`` (``dtype``, ``revision``,
+    ``trust_remote_code``...) and the keywords meant for the engine in ``engine_kwargs`` (those for
+    which the class's ``accepts_kwarg(name)`` is true, e.g. vLLM's ``tensor_parallel_size``).
+    """
+
+    model_name_or_path: str
+    tokenizer: Any
+    config: Any
+    is_encoder_decoder: bool
+    model: Any | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    lora_weights: str | None = None
+    device: str | None = None
