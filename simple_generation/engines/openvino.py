@@ -1,0 +1,391 @@
+"""OpenVINO engine: the checkpoint exported to OpenVINO IR once (cached on disk), generation by
+``openvino_genai.ContinuousBatchingPipeline`` on the CPU, fed our token ids.
+
+Exactness. Greedy answers equal HF's unbatched ``generate`` in fp32 only with f32 everywhere: the IR
+weights (``weight_format="fp32"``, the default here; optimum-intel's own default quantizes models over
+1B parameters to int8), the compute (``INFERENCE_PRECISION_HINT="f32"``: the CPU plugin otherwise runs
+in bf16 on AMX/AVX512-bf16 processors) and the paged KV cache (``KV_CACHE_PRECISION="f32"``: its
+default is a low-precision cache, measured to change greedy answers of a tiny Llama within 4 tokens).
+``inference_precision="bf16"`` / ``weight_format="int8"`` (or ``"int4"``, ``"fp16"``) trade that for
+speed; those answers differ from HF's.
+
+The prompt is already formatted and tokenized by the façade: it goes in as token ids, so OpenVINO's
+own chat templating (applied to plain strings by default) never runs. Stop strings are not given to
+OpenVINO (that needs its converted tokenizer); post-processing cuts them.
+
+Sampling draws from OpenVINO's generator seeded with ``request.seed`` (``rng_seed``): reproducible for a
+given engine and prompt, but not the same draws as the HF engines' seeded sampler.
+
+Needs the ``openvino``, ``openvino-genai`` and ``optimum-intel`` packages (``scripts/engine-env.sh
+openvino`` makes a separate environment with them; optimum-intel pins its own transformers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..requests import EngineOutput, GenerationParams, Request
+from .base import EngineContext, EngineStats
+
+logger = logging.getLogger(__name__)
+
+#: keywords of ``SimpleGenerator(...)`` routed to this engine
+ENGINE_KWARGS = frozenset({
+    "inference_precision",   # "f32" (default, exact) | "bf16" | "f16" | None (the plugin's own default)
+    "kv_cache_precision",    # "f32" (default with f32 inference) | "f16" | "bf16" | "u8" | "u4"
+    "weight_format",         # "fp32" (default) | "fp16" | "int8" | "int4": the IR's weights
+    "ov_cache_dir",          # where exported IR models are kept (default ~/.cache/simple_generation/openvino)
+    "ov_config",             # extra OpenVINO CPU plugin properties (dict), e.g. {"INFERENCE_NUM_THREADS": 4}
+    "num_threads",           # INFERENCE_NUM_THREADS
+    "max_num_seqs",          # scheduler: sequences decoded together (default 256)
+    "max_num_batched_tokens",  # scheduler: tokens per step (default 256; prompts are split across steps)
+    "cache_size",            # scheduler: KV cache size in GB (0: grow as needed)
+    "ov_device",             # OpenVINO device name (default "CPU")
+})
+
+_PRECISIONS = {"f32", "bf16", "f16"}
+_WEIGHT_FORMATS = {"fp32", "fp16", "int8", "int4"}
+# GenerationConfig fields that change answers and that OpenVINO's sampler has no equivalent for
+_UNSUPPORTED_FIELDS = {
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "bad_words_ids": None, "force_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None, "constraints": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "encoder_repetition_penalty": 1.0,
+    "exponential_decay_length_penalty": None, "guidance_scale": None, "watermarking_config": None,
+    "renormalize_logits": False, "penalty_alpha": None, "dola_layers": None,
+}
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SIMPLE_GENERATION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "simple_generation")
+    return Path(root) / "openvino"
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    if dtype is None or dtype == "auto":
+        return None
+    return str(dtype).replace("torch.", "")
+
+
+def checkpoint_fingerprint(path_or_id: str, *, revision: str | None = None, extra: dict | None = None) -> str:
+    """A key for the exported IR: the checkpoint's identity and content stamps plus the export settings.
+
+    A local folder is keyed by its absolute path and the name, size and modification time of every file
+    in it (config, weights, tokenizer); a hub id by the id and the commit its cached config resolves to.
+    """
+    parts: dict[str, Any] = {"extra": extra or {}}
+    local = Path(path_or_id)
+    if local.is_dir():
+        parts["path"] = str(local.resolve())
+        parts["files"] = sorted(
+            (str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in local.rglob("*") if f.is_file()
+        )
+    else:
+        parts["id"] = path_or_id
+        parts["revision"] = revision
+        try:
+            from transformers.utils import cached_file
+
+            parts["config"] = str(cached_file(path_or_id, "config.json", revision=revision))
+        except Exception:  # offline / unknown id: the export itself will report it
+            pass
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("openvino", "optimum-intel", "transformers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "-"
+    return found
+
+
+def _merged_lora_checkpoint(base: str, adapter: str, model_kwargs: dict, into: Path) -> str:
+    """Write base + LoRA adapter merged into one plain checkpoint (exact, as peft's merge_and_unload)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **model_kwargs)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.save_pretrained(into)
+    AutoTokenizer.from_pretrained(base, **model_kwargs).save_pretrained(into)
+    return str(into)
+
+
+def export_ir(path_or_id: str, *, weight_format: str = "fp32", cache_dir: str | os.PathLike | None = None,
+              model_kwargs: dict | None = None, lora_weights: str | None = None) -> Path:
+    """The IR folder for this checkpoint and settings, exported with optimum-intel on first use.
+
+    Exports into a temporary folder beside the cache entry and renames it into place, so concurrent
+    processes (``accelerate launch``) never read a half-written model.
+    """
+    model_kwargs = {k: v for k, v in (model_kwargs or {}).items() if k in ("revision", "trust_remote_code", "token")}
+    settings = {"weight_format": weight_format, "lora": None, **_versions(),
+                "kwargs": {k: v for k, v in model_kwargs.items() if k != "token"}}
+    if lora_weights:
+        settings["lora"] = checkpoint_fingerprint(lora_weights)
+    key = checkpoint_fingerprint(path_or_id, revision=model_kwargs.get("revision"), extra=settings)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / f"{Path(path_or_id).name or 'model'}-{key}"
+    if (target / "openvino_model.xml").is_file():
+        logger.info("OpenVINO: using the exported model in %s", target)
+        return target
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.intel") is None:
+        raise ImportError("The OpenVINO engine exports checkpoints with optimum-intel: pip install optimum-intel "
+                          "(in a separate environment, see scripts/engine-env.sh).")
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig, OVWeightQuantizationConfig
+
+    if weight_format in ("fp32", "fp16"):
+        ov_config = OVConfig(dtype=weight_format)
+    else:
+        ov_config = OVConfig(quantization_config=OVWeightQuantizationConfig(bits=8 if weight_format == "int8" else 4))
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=root, prefix=".export-") as tmp:
+        source = path_or_id
+        if lora_weights:
+            source = _merged_lora_checkpoint(path_or_id, lora_weights, model_kwargs, Path(tmp) / "merged")
+            model_kwargs = {"trust_remote_code": model_kwargs.get("trust_remote_code", False)}
+        out = Path(tmp) / "ir"
+        main_export(model_name_or_path=source, output=out, task="text-generation-with-past", ov_config=ov_config,
+                    convert_tokenizer=False, **model_kwargs)
+        (out / "simple_generation_export.json").write_text(json.dumps(
+            {"source": path_or_id, "lora_weights": lora_weights, **settings}, indent=1, default=str))
+        try:
+            os.replace(out, target)
+        except OSError:
+            if not (target / "openvino_model.xml").is_file():  # not another process winning the race
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(out, target)
+    logger.info("OpenVINO: exported %s (%s weights) to %s in %.1f s", path_or_id, weight_format, target,
+                time.perf_counter() - started)
+    return target
+
+
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+class OpenVINOEngine:
+    """Requests through an OpenVINO GenAI continuous-batching pipeline, each with its own config."""
+
+    name = "openvino"
+    needs_hf_model = False
+
+    @classmethod
+    def available(cls) -> str | None:
+        for module, package in (("openvino", "openvino"), ("openvino_genai", "openvino-genai")):
+            if importlib.util.find_spec(module) is None:
+                return f"the {package} package is not installed (see scripts/engine-env.sh openvino)"
+        return None
+
+    @classmethod
+    def accepts_kwarg(cls, name: str) -> bool:
+        return name in ENGINE_KWARGS
+
+    @classmethod
+    def create(cls, context: EngineContext) -> OpenVINOEngine:
+        if context.is_encoder_decoder:
+            raise ValueError("The OpenVINO engine runs decoder-only (causal LM) models; use engine='auto' or an "
+                             "HF engine for encoder-decoders.")
+        unknown = set(context.engine_kwargs) - ENGINE_KWARGS
+        if unknown:
+            raise TypeError(f"Unknown OpenVINO engine arguments: {sorted(unknown)}")
+        return cls(context.model_name_or_path, tokenizer=context.tokenizer, config=context.config,
+                   model_kwargs=context.model_kwargs, lora_weights=context.lora_weights, **context.engine_kwargs)
+
+    def __init__(self, model_name_or_path: str, *, tokenizer=None, config=None, model_kwargs: dict | None = None,
+                 lora_weights: str | None = None, inference_precision: str | None = "f32",
+                 kv_cache_precision: str | None = None, weight_format: str = "fp32",
+                 ov_cache_dir: str | os.PathLike | None = None, ov_config: dict | None = None,
+                 num_threads: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 256,
+                 cache_size: int = 0, ov_device: str = "CPU"):
+        import openvino_genai
+
+        self._genai = openvino_genai
+        model_kwargs = dict(model_kwargs or {})
+        dtype = _dtype_name(model_kwargs.pop("dtype", None) or model_kwargs.pop("torch_dtype", None))
+        if inference_precision == "f32" and dtype in ("bfloat16", "float16"):
+            # the user asked for a 16-bit model: run it in 16-bit compute (f32 stays the default otherwise)
+            inference_precision = "bf16" if dtype == "bfloat16" else "f16"
+        if inference_precision is not None and inference_precision not in _PRECISIONS:
+            raise ValueError(f"inference_precision must be one of {sorted(_PRECISIONS)} or None, "
+                             f"not {inference_precision!r}")
+        if weight_format not in _WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {sorted(_WEIGHT_FORMATS)}, not {weight_format!r}")
+        if kv_cache_precision is None and inference_precision == "f32":
+            kv_cache_precision = "f32"
+        self.tokenizer = tokenizer
+        self.config = config
+        self.inference_precision = inference_precision
+        self.kv_cache_precision = kv_cache_precision
+        self.weight_format = weight_format
+        self.stats = EngineStats()
+        started = time.perf_counter()
+        self.model_dir = export_ir(model_name_or_path, weight_format=weight_format, cache_dir=ov_cache_dir,
+                                   model_kwargs=model_kwargs, lora_weights=lora_weights)
+        self.export_seconds = time.perf_counter() - started
+        properties: dict[str, Any] = {}
+        if inference_precision is not None:
+            properties["INFERENCE_PRECISION_HINT"] = inference_precision
+        if kv_cache_precision is not None:
+            properties["KV_CACHE_PRECISION"] = kv_cache_precision
+        if num_threads is not None:
+            properties["INFERENCE_NUM_THREADS"] = int(num_threads)
+        properties.update(ov_config or {})
+        self.properties = properties
+        scheduler = openvino_genai.SchedulerConfig()
+        scheduler.max_num_seqs = int(max_num_seqs)
+        scheduler.max_num_batched_tokens = int(max_num_batched_tokens)
+        scheduler.cache_size = int(cache_size)
+        self.max_num_seqs = int(max_num_seqs)
+        started = time.perf_counter()
+        self.pipeline = openvino_genai.ContinuousBatchingPipeline(str(self.model_dir), scheduler, ov_device,
+                                                                  properties)
+        self.load_seconds = time.perf_counter() - started
+        logger.info("OpenVINO: pipeline on %s with %s in %.1f s", ov_device, properties, self.load_seconds)
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def unsupported(self, params: GenerationParams) -> str | None:
+        # the façade adds the tokenizer for HF's stop-string criteria; stop strings are cut afterwards here
+        extra = sorted(k for k in params.call_kwargs if k != "tokenizer")
+        if extra:
+            return (f"the OpenVINO engine cannot take generate() arguments {extra} "
+                    "(logits processors, streamers...): use an HF engine")
+        if params.num_beams > 1:
+            return "the OpenVINO engine does not run beam search the way HF does: use an HF engine for num_beams > 1"
+        config = params.config
+        for field, default in _UNSUPPORTED_FIELDS.items():
+            value = getattr(config, field, default)
+            if value is not None and value != default:
+                return f"the OpenVINO engine has no equivalent of the generation setting {field}={value!r}"
+        if getattr(config, "num_beam_groups", 1) not in (None, 1):
+            return "the OpenVINO engine does not run group beam search"
+        return None
+
+    def generation_config(self, request: Request):
+        """OpenVINO's GenerationConfig for one request (its own budget, seed and stop tokens)."""
+        hf = request.params.config
+        config = self._genai.GenerationConfig()
+        config.max_new_tokens = int(request.max_new_tokens)
+        eos = _token_ids(hf.eos_token_id)
+        if eos:
+            config.eos_token_id = eos[0]
+            config.stop_token_ids = set(eos)
+        else:
+            config.ignore_eos = True
+        if hf.min_new_tokens:
+            config.min_new_tokens = int(hf.min_new_tokens)
+        if hf.repetition_penalty not in (None, 1.0):
+            config.repetition_penalty = float(hf.repetition_penalty)
+        if hf.no_repeat_ngram_size:
+            config.no_repeat_ngram_size = int(hf.no_repeat_ngram_size)
+        config.num_return_sequences = request.params.num_return_sequences
+        config.do_sample = bool(hf.do_sample)
+        if hf.do_sample:
+            config.temperature = float(hf.temperature if hf.temperature is not None else 1.0)
+            config.top_p = float(hf.top_p if hf.top_p is not None else 1.0)
+            if hf.top_k:  # HF: 0/None = no top-k; OpenVINO: its default (no limit)
+                config.top_k = int(hf.top_k)
+            if getattr(hf, "min_p", None):
+                config.min_p = float(hf.min_p)
+            if request.seed is not None:
+                config.rng_seed = int(request.seed) & 0xFFFFFFFF
+        return config
+
+    # -- running ------------------------------------------------------------------------------------
+    def _input(self, request: Request):
+        import numpy as np
+        import openvino
+
+        if not request.token_ids:
+            raise ValueError(f"request {request.id}: no prompt tokens")
+        return openvino.Tensor(np.asarray([request.token_ids], dtype=np.int64))
+
+    def _output(self, request: Request, handle) -> EngineOutput:
+        status = handle.get_status()
+        if status != self._genai.GenerationStatus.FINISHED:
+            return EngineOutput(error=f"OpenVINO request ended with status {status.name}")
+        outputs = handle.read_all()
+        sequences, reasons = [], []
+        for output in outputs:
+            ids = [int(t) for t in output.generated_ids]
+            sequences.append(ids)
+            reason = output.finish_reason
+            reasons.append("length" if reason == self._genai.GenerationFinishReason.LENGTH
+                           else "stop" if reason == self._genai.GenerationFinishReason.STOP else None)
+            self.stats.generated_tokens += len(ids)
+        return EngineOutput(sequences=sequences, finish_reasons=reasons)
+
+    def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
+            ) -> Iterator[tuple[Request, EngineOutput]]:
+        pending = list(requests)[::-1]  # pop() from the end keeps the given order
+        in_flight: dict[int, tuple[Request, Any]] = {}
+        window = max(1, 2 * self.max_num_seqs)  # queued ahead so the scheduler always has work
+        next_id = 0
+        while pending or in_flight:
+            while pending and len(in_flight) < window:
+                request = pending.pop()
+                try:
+                    handle = self.pipeline.add_request(next_id, self._input(request), self.generation_config(request))
+                except Exception as error:
+                    if not isolate_errors:
+                        raise
+                    yield request, EngineOutput(error=f"{type(error).__name__}: {error}")
+                    continue
+                in_flight[next_id] = (request, handle)
+                next_id += 1
+            if not in_flight:
+                continue
+            try:
+                self.pipeline.step()
+            except Exception as error:
+                if not isolate_errors:
+                    raise
+                # the step that failed is shared: retry each unfinished request alone, once
+                yield from self._isolate([r for r, h in in_flight.values()
+                                          if h.get_status() != self._genai.GenerationStatus.FINISHED], error)
+                for request, handle in list(in_flight.values()):
+                    if handle.get_status() == self._genai.GenerationStatus.FINISHED:
+                        yield request, self._output(request, handle)
+                in_flight.clear()
+                continue
+            self.stats.batches += 1
+            self.stats.batch_size = max(self.stats.batch_size, len(in_flight))
+            for rid, (request, handle) in list(in_flight.items()):
+                if handle.get_status() != self._genai.GenerationStatus.RUNNING:
+                    del in_flight[rid]
+                    yield request, self._output(request, handle)
+
+    def _isolate(self, requests: list[Request], error: Exception) -> Iterator[tuple[Request, EngineOutput]]:
+        logger.warning("OpenVINO step failed (%s): retrying %d requests one by one", error, len(requests))
+        for request in requests:
+            try:
+                [result] = self.pipeline.generate([self._input(request)], [self.generation_config(request)])
+                sequences = [[int(t) for t in ids] for ids in result.m_generation_ids]
+                self.stats.generated_tokens += sum(map(len, sequences))
+                yield request, EngineOutput(sequences=sequences)
+            except Exception as own_error:
+                yield request, EngineOutput(error=f"{type(own_error).__name__}: {own_error}")

@@ -1,0 +1,177 @@
+"""The OpenVINO engine on a tiny Llama: exact greedy answers (f32), per-request budgets, cache, refusals.
+
+Runs where openvino-genai and optimum-intel are installed (``bash scripts/engine-env.sh openvino``, then
+``.venv-openvino/bin/python -m pytest tests/test_engine_openvino.py``); skips cleanly elsewhere.
+"""
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("openvino_genai")
+pytest.importorskip("optimum.intel")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
+
+from simple_generation.engines import engine_class  # noqa: E402
+from simple_generation.engines.base import EngineContext  # noqa: E402
+from simple_generation.requests import GenerationParams, Request  # noqa: E402
+
+from .prompts import PROMPTS  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def make_params(**config) -> GenerationParams:
+    fields = {f.name for f in dataclasses.fields(GenerationParams)}
+    extra = {"batch_key": ""} if "batch_key" in fields else {}
+    return GenerationParams(config=GenerationConfig(**config), call_kwargs={}, stop_strings=(), seed=None,
+                            fingerprint=repr(sorted(config.items())), **extra)
+
+
+@pytest.fixture(scope="module")
+def ov_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("ov-cache"))
+
+
+@pytest.fixture(scope="module")
+def engine_factory(llama_path, ov_cache):
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    config = AutoConfig.from_pretrained(llama_path)
+
+    def make(**engine_kwargs):
+        engine_kwargs.setdefault("ov_cache_dir", ov_cache)
+        context = EngineContext(model_name_or_path=llama_path, tokenizer=tokenizer, config=config,
+                                is_encoder_decoder=False, engine_kwargs=engine_kwargs)
+        return engine_class("openvino").create(context)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def engine(engine_factory):
+    return engine_factory()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(llama_path):
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def hf_model(llama_path):
+    return AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32).eval()
+
+
+def hf_greedy_ids(model, ids, max_new_tokens):
+    output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=max_new_tokens, do_sample=False)
+    return output[0, len(ids):].tolist()
+
+
+def run_all(engine, requests, **kwargs):
+    outputs = dict()
+    for request, output in engine.run(requests, **kwargs):
+        assert request.id not in outputs, "a request came back twice"
+        outputs[request.id] = output
+    assert sorted(outputs) == sorted(r.id for r in requests)
+    return outputs
+
+
+def trim_eos(ids, eos):
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def test_available_and_kwargs():
+    cls = engine_class("openvino")
+    assert cls.available() is None
+    assert cls.accepts_kwarg("inference_precision") and cls.accepts_kwarg("weight_format")
+    assert not cls.accepts_kwarg("tensor_parallel_size")
+    assert cls.needs_hf_model is False
+
+
+def test_greedy_f32_equals_hf_unbatched_with_per_request_budgets(engine, prompt_ids, hf_model, llama_path):
+    params = make_params(do_sample=False, max_new_tokens=24, eos_token_id=hf_model.config.eos_token_id)
+    budgets = [24 - 3 * (i % 5) for i in range(len(prompt_ids))]
+    requests = [Request(id=i, token_ids=ids, params=params, max_new_tokens=budgets[i])
+                for i, ids in enumerate(prompt_ids)]
+    outputs = run_all(engine, requests)
+    eos = hf_model.config.eos_token_id
+    for request in requests:
+        [sequence] = outputs[request.id].sequences
+        assert len(sequence) <= request.max_new_tokens
+        expected = hf_greedy_ids(hf_model, request.token_ids, request.max_new_tokens)
+        assert trim_eos(sequence, eos) == trim_eos(expected, eos), f"prompt {request.id}"
+        if eos not in sequence:
+            assert len(sequence) == request.max_new_tokens
+            assert outputs[request.id].finish_reasons == ["length"]
+    assert engine.stats.generated_tokens > 0 and engine.stats.batch_size > 1
+
+
+def test_greedy_equals_raw_openvino_pipeline(engine, prompt_ids):
+    import openvino
+    import openvino_genai
+
+    raw = openvino_genai.LLMPipeline(str(engine.model_dir), "CPU", **engine.properties)
+    params = make_params(do_sample=False, max_new_tokens=16, eos_token_id=1)
+    requests = [Request(id=i, token_ids=ids, params=params, max_new_tokens=16) for i, ids in enumerate(prompt_ids)]
+    outputs = run_all(engine, requests)
+    for request in requests:
+        config = openvino_genai.GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=1)
+        result = raw.generate(openvino.Tensor(np.asarray([request.token_ids], dtype=np.int64)), config)
+        assert outputs[request.id].sequences == [list(result.tokens[0])], f"prompt {request.id}"
+
+
+def test_sampling_n_and_seed(engine, prompt_ids):
+    params = make_params(do_sample=True, temperature=0.9, top_k=50, top_p=0.95, num_return_sequences=3,
+                         max_new_tokens=12, eos_token_id=1)
+    requests = [Request(id=i, token_ids=ids, params=params, max_new_tokens=12, seed=1234)
+                for i, ids in enumerate(prompt_ids[:4])]
+    first = run_all(engine, requests)
+    for output in first.values():
+        assert len(output.sequences) == 3 and all(len(s) <= 12 for s in output.sequences)
+    again = run_all(engine, requests)
+    assert {i: o.sequences for i, o in first.items()} == {i: o.sequences for i, o in again.items()}
+    alone = run_all(engine, requests[2:3])
+    assert alone[2].sequences == first[2].sequences  # the seed, not the batch, decides a sampled answer
+
+
+def test_export_is_cached(engine_factory, engine):
+    second = engine_factory()
+    assert second.model_dir == engine.model_dir
+    assert second.export_seconds < 2.0
+
+
+def test_unsupported_and_errors(engine):
+    assert engine.unsupported(make_params(do_sample=False)) is None
+    assert "beam" in engine.unsupported(make_params(do_sample=False, num_beams=2))
+    streaming = dataclasses.replace(make_params(do_sample=False), call_kwargs={"streamer": object()})
+    assert "streamer" in engine.unsupported(streaming)
+    with_tokenizer = dataclasses.replace(make_params(do_sample=False), call_kwargs={"tokenizer": object()})
+    assert engine.unsupported(with_tokenizer) is None
+    params = make_params(do_sample=False, max_new_tokens=4, eos_token_id=1)
+    requests = [Request(id=0, token_ids=[], params=params, max_new_tokens=4),
+                Request(id=1, token_ids=[0, 5, 6], params=params, max_new_tokens=4)]
+    outputs = run_all(engine, requests, isolate_errors=True)
+    assert outputs[0].error and not outputs[0].sequences
+    assert len(outputs[1].sequences[0]) == 4
+    with pytest.raises(ValueError):
+        run_all(engine, requests)
+
+
+def test_bf16_mode_runs(engine_factory, prompt_ids):
+    """bf16 compute is the user's choice (faster on AMX CPUs); answers may differ from HF's f32 ones."""
+    engine = engine_factory(inference_precision="bf16")
+    assert engine.properties["INFERENCE_PRECISION_HINT"] == "bf16"
+    params = make_params(do_sample=False, max_new_tokens=8, eos_token_id=1)
+    outputs = run_all(engine, [Request(id=0, token_ids=prompt_ids[1], params=params, max_new_tokens=8)])
+    assert 1 <= len(outputs[0].sequences[0]) <= 8
+
+
+def test_encoder_decoder_refused(t5_path):
+    context = EngineContext(model_name_or_path=t5_path, tokenizer=None, config=None, is_encoder_decoder=True)
+    with pytest.raises(ValueError, match="decoder-only"):
+        engine_class("openvino").create(context)
