@@ -1,0 +1,610 @@
+"""The continuous engine: finished rows leave the batch at once and waiting requests take their place.
+
+A scheduler written on transformers' own ``DynamicCache`` (not on transformers' continuous batching,
+see docs/engines.md for why). The running batch is one left-padded KV cache: every row has its own
+attention-mask zeros on the left and its own position ids, so a row computes what it would compute
+alone. Each loop turn
+
+1. *admits* waiting requests when enough slots are free: their prompts are prefilled together (one
+   left-padded forward pass, prompts of similar length since the queue is sorted), the first token of
+   each is chosen, and their cache is left-padded to the running length and concatenated to the batch
+   on the batch dimension (a sampled request with ``num_return_sequences=n`` is prefilled once and its
+   cache row repeated ``n`` times; a greedy one runs one row and is copied ``n`` times);
+2. *decodes* one token for every running row;
+3. *retires* rows that hit an EOS id, their own ``max_new_tokens`` or a stop string: they are dropped
+   from the cache (``index_select`` on the batch dimension), the cache columns no remaining row uses
+   are trimmed off the left, and a request is yielded as soon as all its rows are done.
+
+Decoding follows ``model.generate`` row by row: argmax (greedy); the logits processors HF builds from
+the config, applied to each row with its own unpadded ids and prompt length (so repetition penalty,
+``min_new_tokens``, ``no_repeat_ngram_size``, bad words, suppress tokens... mean what they mean for
+that prompt alone); then the seeded Gumbel-max sampler of :mod:`simple_generation.sampling` (same
+noise as the static engine) or, for unseeded sampling, the warpers and ``torch.multinomial``.
+
+Out-of-memory at any step halves the number of slots: the step is undone (the cache cropped back),
+the most recently admitted requests go back to the queue and the step runs again; finished requests
+are never recomputed.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, LogitsProcessorList
+
+from ..requests import EngineOutput, FinishReason, GenerationParams, Request
+from ..sampling import greedy_config, gumbel_noise, warpers
+from ..scheduling import is_out_of_memory
+from .base import EngineContext, EngineStats
+
+logger = logging.getLogger("simple_generation")
+
+# model.generate arguments the engine honours (the tokenizer only serves stop strings)
+_SUPPORTED_CALL_KWARGS = frozenset({"tokenizer"})
+# GenerationConfig features that change how decoding works, not only which token a row picks
+_UNSUPPORTED_CONFIG = {
+    "assistant_model": "assisted generation",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding",
+    "penalty_alpha": "contrastive search",
+    "dola_layers": "DoLa decoding",
+    "constraints": "constrained beam search",
+    "force_words_ids": "constrained beam search",
+    "max_time": "max_time",
+    "watermarking_config": "watermarking",
+    "guidance_scale": "classifier-free guidance",
+    "num_assistant_tokens": None,  # only meaningful with an assistant model
+}
+
+
+def _release_memory() -> None:
+    from accelerate.utils.memory import clear_device_cache
+
+    clear_device_cache(garbage_collection=True)
+
+
+def _eos_ids(config) -> frozenset[int]:
+    eos = config.eos_token_id
+    if eos is None:
+        return frozenset()
+    if isinstance(eos, torch.Tensor):
+        eos = eos.tolist()
+    return frozenset([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+
+
+@dataclass
+class _Task:
+    """One request in flight: its rows' outputs as they finish."""
+
+    request: Request
+    rows: int                     # decoded rows (1 for greedy, n for sampled)
+    copies: int                   # outputs per decoded row (n for greedy, 1 for sampled)
+    sequences: dict[int, list[int]] = field(default_factory=dict)
+    reasons: dict[int, FinishReason] = field(default_factory=dict)
+    order: int = 0                # admission counter: the latest admitted are evicted first on OOM
+
+    def output(self) -> EngineOutput:
+        sequences, reasons = [], []
+        for j in range(self.rows):
+            for _ in range(self.copies):
+                sequences.append(list(self.sequences[j]))
+                reasons.append(self.reasons[j])
+        return EngineOutput(sequences=sequences, finish_reasons=reasons)
+
+
+@dataclass
+class _Row:
+    """One decoded sequence: sequence ``seq`` of its task's request."""
+
+    task: _Task
+    seq: int
+    tokens: list[int] = field(default_factory=list)
+    processors: LogitsProcessorList | None = None   # None: no processor from the config
+    eos: frozenset[int] = frozenset()
+    sampled: bool = False
+    seed: int | None = None
+    warp: LogitsProcessorList | None = None
+    stops: tuple[str, ...] = ()
+
+    @property
+    def budget(self) -> int:
+        return self.task.request.max_new_tokens
+
+    @property
+    def plain_greedy(self) -> bool:
+        return not self.sampled and self.processors is None
+
+
+class ContinuousEngine:
+    """Continuous batching over a left-padded ``DynamicCache``; see the module docstring.
+
+    Knobs (engine keywords): ``max_slots`` (rows decoded together, default 64), ``max_batch_tokens``
+    (padded prompt tokens prefilled in one forward pass, default 2048) and ``refill_fraction``
+    (admit waiting requests once this fraction of the slots is free, default 0.25).
+    """
+
+    name = "continuous"
+    needs_hf_model = True
+    KWARGS = ("max_slots", "max_batch_tokens", "refill_fraction")
+
+    def __init__(self, model, tokenizer, is_encoder_decoder: bool = False, *, max_slots: int = 64,
+                 max_batch_tokens: int = 2048, refill_fraction: float = 0.25):
+        if not isinstance(max_slots, int) or isinstance(max_slots, bool) or max_slots < 1:
+            raise ValueError(f"max_slots must be a positive integer, got {max_slots!r}.")
+        if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}.")
+        if not 0 < float(refill_fraction) <= 1:
+            raise ValueError(f"refill_fraction must be in (0, 1], got {refill_fraction!r}.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = bool(is_encoder_decoder)
+        self.max_slots = max_slots
+        self.max_batch_tokens = max_batch_tokens
+        self.refill_fraction = float(refill_fraction)
+        self.stats = EngineStats(batch_size=max_slots)
+        forward = inspect.signature(model.forward).parameters if model is not None else {}
+        self._forward_params = set(forward)
+        self._logits_to_keep = "logits_to_keep" in forward
+        # transformers >= 5.2x calls it ``cache``, earlier versions ``past_key_values``
+        self._cache_arg = next((name for name in ("cache", "past_key_values") if name in forward), None)
+
+    # ------------------------------------------------------------------ protocol
+    @classmethod
+    def create(cls, context: EngineContext) -> ContinuousEngine:
+        kwargs = {k: v for k, v in context.engine_kwargs.items() if k in cls.KWARGS}
+        return cls(context.model, context.tokenizer, context.is_encoder_decoder, **kwargs)
+
+    @classmethod
+    def accepts_kwarg(cls, name: str) -> bool:
+        return name in cls.KWARGS
+
+    @classmethod
+    def available(cls) -> str | None:
+        return None
+
+    def model_unsupported(self) -> str | None:
+        """Why this model cannot run here (None when it can): what its cache or positions need."""
+        model = self.model
+        if model is None:
+            return "the continuous engine needs the loaded transformers model"
+        config = model.config
+        if self.is_encoder_decoder or getattr(config, "is_encoder_decoder", False):
+            return "encoder-decoder models are not supported by the continuous engine"
+        if getattr(model, "_is_stateful", False):
+            return f"{type(model).__name__} keeps a recurrent state, not a KV cache"
+        supports = getattr(model, "_supports_default_dynamic_cache", None)
+        if supports is not None and not supports():
+            return f"{type(model).__name__} does not use transformers' DynamicCache"
+        missing = {"attention_mask", "position_ids"} - self._forward_params
+        if self._cache_arg is None:
+            missing.add("cache")
+        if missing:
+            return (f"{type(model).__name__}.forward takes no {', '.join(sorted(missing))}: "
+                    "per-row positions in a shared cache need them")
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        layer_types = getattr(text, "layer_types", None)
+        window = getattr(text, "sliding_window", None)
+        if getattr(text, "use_sliding_window", True) is False:
+            window = None
+        if layer_types is not None:
+            other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+            if other:
+                return f"layers of type {', '.join(other)} (hybrid or non-attention cache)"
+            if "sliding_attention" not in layer_types:
+                window = None
+        if getattr(text, "attention_chunk_size", None) is not None:
+            return "chunked attention"
+        if window is not None and (context is None or window < context):
+            return f"sliding-window attention (window {window} < context {context})"
+        return None
+
+    def unsupported(self, params: GenerationParams) -> str | None:
+        reason = self.model_unsupported()
+        if reason:
+            return reason
+        if params.num_beams > 1:
+            return "beam search (num_beams > 1)"
+        config = params.config
+        if getattr(config, "num_beam_groups", 1) not in (None, 1):
+            return "group beam search"
+        for key, what in _UNSUPPORTED_CONFIG.items():
+            value = getattr(config, key, None)
+            if what is None or value is None:
+                continue
+            if key == "guidance_scale" and value == 1:
+                continue
+            return f"{what} ({key}={value!r})"
+        cache_implementation = getattr(config, "cache_implementation", None)
+        if cache_implementation not in (None, "dynamic"):
+            return f"cache_implementation={cache_implementation!r}"
+        extra = sorted(k for k, v in params.call_kwargs.items() if k not in _SUPPORTED_CALL_KWARGS and v is not None)
+        if extra:
+            return f"model.generate arguments it cannot honour: {', '.join(extra)}"
+        return None
+
+    def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
+            ) -> Iterator[tuple[Request, EngineOutput]]:
+        if not requests:
+            return
+        for request in requests:
+            reason = self.unsupported(request.params)
+            if reason:
+                raise ValueError(f"The continuous engine cannot run request {request.id}: {reason}.")
+        yield from _Scheduler(self, requests, isolate_errors).run()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def input_device(self) -> torch.device:
+        """Where the inputs go: the input embeddings' device (the first layer's, with a device_map)."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if embeddings is None:
+            return self.model.device
+        hook = getattr(embeddings, "_hf_hook", None)
+        execution_device = getattr(hook, "execution_device", None)
+        if execution_device is not None:
+            return torch.device(execution_device)
+        device = embeddings.weight.device
+        return device if device.type != "meta" else torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """One forward pass; the float32 logits of each row's last position, shape (rows, vocab)."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  self._cache_arg: cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        output = self.model(**kwargs)
+        return output.logits[:, -1, :].to(dtype=torch.float32)
+
+
+class _Scheduler:
+    """One ``run``: the queue, the running batch and its cache."""
+
+    def __init__(self, engine: ContinuousEngine, requests: Sequence[Request], isolate_errors: bool,
+                 max_slots: int | None = None):
+        self.engine = engine
+        self.isolate_errors = isolate_errors
+        self.max_slots = max_slots or engine.max_slots
+        self.device = engine.input_device
+        config = engine.model.config
+        pad = getattr(engine.tokenizer, "pad_token_id", None)
+        vocab = getattr(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config,
+                        "vocab_size", None)
+        self.pad_id = pad if pad is not None and (vocab is None or 0 <= pad < vocab) else 0
+        # longest prompt first: prefill batches of similar lengths, the widest cache early (OOM shows early)
+        self.done: list[tuple[Request, EngineOutput]] = []
+        queue = []
+        for request in requests:
+            n = request.params.num_return_sequences
+            if request.max_new_tokens <= 0:
+                self.done.append((request, EngineOutput(sequences=[[] for _ in range(n)],
+                                                        finish_reasons=["length"] * n)))
+            elif not request.token_ids:
+                self._fail([request], ValueError(f"request {request.id} has no prompt tokens"))
+            else:
+                queue.append(request)
+        self.waiting: deque[Request] = deque(sorted(queue, key=lambda r: -len(r.token_ids)))
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None       # (rows, cache length) 1 = real token
+        self.lengths: torch.Tensor | None = None    # (rows,) real tokens in the cache = next position id
+        self.admitted = 0
+        self.admitting: list[Request] = []
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Iterator[tuple[Request, EngineOutput]]:
+        while self.done:
+            yield self.done.pop(0)
+        while self.waiting or self.rows:
+            if self._should_admit():
+                self._guard(self._admit_step, admitting=True)
+            elif self.rows:
+                self._guard(self._decode_step, admitting=False)
+            while self.done:
+                yield self.done.pop(0)
+
+    def _guard(self, step, admitting: bool) -> None:
+        """Run one step; on out-of-memory shrink and let the loop retry; other errors raise or isolate."""
+        self.admitting = []
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - sorted below
+            # a failed admission has put its requests back at the head of the queue
+            involved = ([self.waiting.popleft() for _ in self.admitting] if admitting
+                        else list({id(r.task): r.task.request for r in self.rows}.values()))
+            if is_out_of_memory(err):
+                self._shrink(err, involved, admitting)
+            elif self.isolate_errors:
+                self._isolate(err, involved, admitting)
+            else:
+                raise
+
+    def _should_admit(self) -> bool:
+        if not self.waiting:
+            return False
+        free = self.max_slots - len(self.rows)
+        if free < self._rows_needed(self.waiting[0]):
+            return False
+        if not self.rows:
+            return True
+        waiting_rows = sum(self._rows_needed(r) for r in self.waiting)
+        return free >= min(waiting_rows, max(1, math.ceil(self.max_slots * self.engine.refill_fraction)))
+
+    @staticmethod
+    def _rows_needed(request: Request) -> int:
+        return request.params.num_return_sequences if request.params.sampled else 1
+
+    # ------------------------------------------------------------------ admission
+    def _admit_step(self) -> None:
+        """Prefill the next waiting requests that fit and merge them into the running batch."""
+        free = self.max_slots - len(self.rows)
+        batch: list[Request] = []
+        rows = 0
+        while self.waiting:
+            request = self.waiting[0]
+            need = self._rows_needed(request)
+            width = max([len(r.token_ids) for r in batch] + [len(request.token_ids)])
+            if batch and (rows + need > free or width * (len(batch) + 1) > self.engine.max_batch_tokens):
+                break
+            if not batch and need > free:
+                break
+            batch.append(self.waiting.popleft())
+            rows += need
+        self.admitting = batch
+        try:
+            self._prefill(batch)
+        except BaseException:
+            self.waiting.extendleft(reversed(batch))
+            raise
+
+    def _prefill(self, batch: list[Request]) -> None:
+        ready = batch
+        width = max(len(r.token_ids) for r in ready)
+        input_ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ready), width), dtype=torch.long)
+        for i, request in enumerate(ready):
+            input_ids[i, width - len(request.token_ids):] = torch.tensor(request.token_ids, dtype=torch.long)
+            mask[i, width - len(request.token_ids):] = 1
+        positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+        cache = DynamicCache()
+        logits = self.engine.forward(input_ids.to(self.device), mask.to(self.device), positions.to(self.device),
+                                     cache)
+        self.engine.stats.batches += 1
+        # rows: one per greedy request, n per sampled one (prefilled once, the cache row repeated)
+        tasks, new_rows, source = [], [], []
+        for i, request in enumerate(ready):
+            params = request.params
+            n = params.num_return_sequences
+            decoded = n if params.sampled else 1
+            task = _Task(request, rows=decoded, copies=1 if params.sampled else n, order=self.admitted)
+            self.admitted += 1
+            tasks.append(task)
+            for j in range(decoded):
+                new_rows.append(self._make_row(task, j))
+                source.append(i)
+        index = torch.tensor(source, dtype=torch.long, device=logits.device)
+        if len(source) != len(ready) or source != list(range(len(ready))):
+            logits = logits.index_select(0, index)
+            cache.batch_select_indices(index.to(cache.layers[0].keys.device))
+            mask = mask.index_select(0, index.cpu())
+        lengths = mask.sum(-1)
+        tokens = self._choose(new_rows, logits)
+        keep = self._append(new_rows, tokens)
+        # merge the survivors into the running batch
+        if keep:
+            keep_index = torch.tensor(keep, dtype=torch.long)
+            if len(keep) != len(new_rows):
+                cache.batch_select_indices(keep_index.to(cache.layers[0].keys.device))
+                mask = mask.index_select(0, keep_index)
+                lengths = lengths.index_select(0, keep_index)
+            self._merge([new_rows[i] for i in keep], cache, mask.to(self.device), lengths.to(self.device))
+        self._collect(tasks)
+
+    def _make_row(self, task: _Task, seq: int) -> _Row:
+        request = task.request
+        params = request.params
+        row = _Row(task=task, seq=seq, eos=_eos_ids(params.config), sampled=params.sampled)
+        config = greedy_config(params.config) if params.sampled else copy.deepcopy(params.config)
+        config.max_new_tokens = request.max_new_tokens
+        config.max_length = len(request.token_ids) + request.max_new_tokens
+        processors = self.engine.model._get_logits_processor(
+            generation_config=config, input_ids_seq_length=len(request.token_ids), device=str(self.device))
+        row.processors = processors if len(processors) else None
+        if params.sampled:
+            row.seed = request.seed
+            row.warp = LogitsProcessorList(warpers(params.config))
+        stops = list(params.stop_strings)
+        config_stops = getattr(params.config, "stop_strings", None)
+        if config_stops:
+            stops.extend([config_stops] if isinstance(config_stops, str) else config_stops)
+        if stops and self.engine.tokenizer is not None:
+            row.stops = tuple(dict.fromkeys(s for s in stops if s))
+        return row
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Concatenate a prefilled cache to the running one, left-padding the shorter to the longer."""
+        if self.cache is None or not self.rows:
+            self.cache, self.mask, self.lengths, self.rows = cache, mask, lengths, list(rows)
+            return
+        old_len, new_len = self.mask.shape[1], mask.shape[1]
+        total = max(old_len, new_len)
+        layers = []
+        for old, new in zip(self.cache.layers, cache.layers):
+            pair = []
+            for a, b in ((old.keys, new.keys), (old.values, new.values)):
+                a = F.pad(a, (0, 0, total - old_len, 0)) if total > old_len else a
+                b = F.pad(b, (0, 0, total - new_len, 0)) if total > new_len else b
+                pair.append(torch.cat([a, b.to(a.device)], dim=0))
+            layers.append(tuple(pair))
+        merged_mask = torch.cat([F.pad(self.mask, (total - old_len, 0)), F.pad(mask, (total - new_len, 0))], dim=0)
+        self.cache = DynamicCache(layers)
+        self.mask = merged_mask
+        self.lengths = torch.cat([self.lengths, lengths])
+        self.rows = self.rows + list(rows)
+
+    # ------------------------------------------------------------------ decoding
+    def _decode_step(self) -> None:
+        rows = self.rows
+        input_ids = torch.tensor([[row.tokens[-1]] for row in rows], dtype=torch.long, device=self.device)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
+        positions = self.lengths.unsqueeze(1)
+        length = self.mask.shape[1]
+        try:
+            logits = self.engine.forward(input_ids, mask, positions, self.cache)
+        except BaseException:
+            self._crop(length)
+            raise
+        self.engine.stats.batches += 1
+        self.mask, self.lengths = mask, self.lengths + 1
+        tokens = self._choose(rows, logits)
+        keep = self._append(rows, tokens)
+        if len(keep) != len(rows):
+            self._select(keep)
+        self._collect({id(row.task): row.task for row in rows}.values())
+
+    def _crop(self, length: int) -> None:
+        """Undo a failed step's partial cache updates (layers already updated are cut back)."""
+        if self.cache is None:
+            return
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 and layer.keys.shape[-2] > length:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` and trim the cache columns none of them uses."""
+        if not keep:
+            self.rows, self.cache, self.mask, self.lengths = [], None, None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[..., start:, :]
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))[..., start:, :]
+        self.mask = mask[:, start:]
+        self.lengths = self.lengths.index_select(0, index)
+        self.rows = [self.rows[i] for i in keep]
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """The next token of each row, as ``model.generate`` would pick it for that row alone."""
+        if all(row.plain_greedy for row in rows):
+            return logits.argmax(dim=-1).tolist()
+        greedy = logits.argmax(dim=-1).tolist()
+        chosen = []
+        for i, row in enumerate(rows):
+            if row.plain_greedy:
+                chosen.append(greedy[i])
+                continue
+            scores = logits[i:i + 1]
+            ids = None
+            if row.processors is not None or row.warp:
+                ids = torch.tensor([row.task.request.token_ids + row.tokens], dtype=torch.long, device=logits.device)
+            if row.processors is not None:
+                scores = row.processors(ids, scores)
+            if not row.sampled:
+                chosen.append(int(scores.argmax(dim=-1)))
+                continue
+            scores = row.warp(ids, scores.float()) if row.warp else scores.float()
+            if row.seed is not None:
+                noise = gumbel_noise(row.seed, row.seq, len(row.tokens), scores.shape[-1]).to(scores.device)
+                chosen.append(int((scores[0] + noise).argmax()))
+            else:
+                probs = torch.softmax(scores[0], dim=-1)
+                chosen.append(int(torch.multinomial(probs, num_samples=1)))
+        return chosen
+
+    def _append(self, rows: list[_Row], tokens: list[int]) -> list[int]:
+        """Add each row's new token; finish the rows that are done; return the indices still running."""
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            row.tokens.append(token)
+            self.engine.stats.generated_tokens += 1
+            reason: FinishReason | None = None
+            if token in row.eos:
+                reason = "stop"
+            elif row.stops and self._hit_stop(row):
+                reason = "stop_string"
+            elif len(row.tokens) >= row.budget:
+                reason = "length"
+            if reason is None:
+                keep.append(i)
+            else:
+                row.task.sequences[row.seq] = row.tokens
+                row.task.reasons[row.seq] = reason
+        return keep
+
+    def _hit_stop(self, row: _Row) -> bool:
+        longest = max(len(s) for s in row.stops)
+        tail = self.engine.tokenizer.decode(row.tokens[-(2 * longest + 4):], skip_special_tokens=False)
+        return any(s in tail for s in row.stops)
+
+    def _collect(self, tasks) -> None:
+        for task in tasks:
+            if len(task.sequences) == task.rows and not getattr(task, "_yielded", False):
+                task._yielded = True
+                self.done.append((task.request, task.output()))
+
+    # ------------------------------------------------------------------ failures
+    def _evict(self, keep_rows: int) -> None:
+        """Send the latest admitted requests back to the queue until at most ``keep_rows`` rows run."""
+        tasks = sorted({id(r.task): r.task for r in self.rows}.values(), key=lambda t: -t.order)
+        evicted: set[int] = set()
+        remaining = len(self.rows)
+        for task in tasks:
+            if remaining <= keep_rows:
+                break
+            evicted.add(id(task))
+            remaining -= sum(1 for r in self.rows if r.task is task)
+            self.waiting.appendleft(task.request)
+        if evicted:
+            self._select([i for i, r in enumerate(self.rows) if id(r.task) not in evicted])
+
+    def _shrink(self, err: BaseException, involved: list[Request], admitting: bool) -> None:
+        """Halve the slots after an out-of-memory error and put back what must run again."""
+        rows = len(self.rows) + (sum(self._rows_needed(r) for r in involved) if admitting else 0)
+        if rows <= 1 or (self.max_slots <= 1 and len(involved) <= 1):
+            # nothing left to shrink: this request fails on its own
+            if not admitting:
+                self._select([])
+            self._fail(involved, err)
+            return
+        new_slots = max(1, min(self.max_slots, rows) // 2)
+        logger.warning("Out of memory with %d rows (%d slots): retrying with %d slots.", rows, self.max_slots,
+                       new_slots)
+        self.max_slots = new_slots
+        self.engine.stats.batch_size = new_slots
+        self.engine.stats.oom_retries += 1
+        if admitting:
+            self.waiting.extendleft(reversed(involved))
+        self._evict(new_slots)
+        del err
+        _release_memory()
+
+    def _fail(self, requests: list[Request], err: BaseException) -> None:
+        if not self.isolate_errors:
+            raise err
+        for request in requests:
+            self.done.append((request, EngineOutput(error=f"{type(err).__name__}: {err}")))
+
+    def _isolate(self, err: BaseException, involved: list[Request], admitting: bool) -> None:
+        """A step failed: run each request it involved alone; those that fail alone get an error."""
+        if not admitting:
+            self._select([])
+        logger.warning("Generation failed (%s: %s): running the %d requests involved one by one.",
+                       type(err).__name__, err, len(involved))
+        for request in involved:
+            try:
+                alone = list(_Scheduler(self.engine, [request], isolate_errors=False, max_slots=1).run())
+            except Exception as alone_err:  # noqa: BLE001 - this request fails on its own
+                self.done.append((request, EngineOutput(error=f"{type(alone_err).__name__}: {alone_err}")))
+                continue
+            self.done.extend(alone)
