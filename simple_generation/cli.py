@@ -1,113 +1,849 @@
-"""Command line: ``simple-generation MODEL --prompt ... | --input FILE [--output FILE.jsonl]``."""
+"""Command line: ``simple-generation run MODEL --input FILE --output FILE`` (and ``dedup``, ``chat``).
+
+``simple-generation MODEL ...`` (no subcommand) is ``run``. Arguments are checked before anything heavy is
+imported; torch and transformers load only once a model is really needed. Exit codes: 0 done; 1 runtime
+error (model not found, ...); 2 usage or input error (nothing was loaded); 3 finished, but some prompts
+failed (their records carry the error); 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+SUBCOMMANDS = ("run", "dedup", "chat")
+EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16")
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+logger = logging.getLogger("simple_generation")
 
 
-def _read_prompts(path: str) -> list[str]:
-    """One prompt per line of a .txt file, or the "prompt" (or "text") field of each .jsonl line."""
-    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    if path.endswith(".jsonl"):
-        prompts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                record = json.loads(line)
-                if not isinstance(record, dict) or not ({"prompt", "text"} & record.keys()):
-                    raise SystemExit(f"{path}:{number}: each JSONL line needs a \"prompt\" (or \"text\") field.")
-                prompts.append(record.get("prompt", record.get("text")))
-        return prompts
-    return [line for line in text.splitlines() if line.strip()]
+class UsageError(Exception):
+    """A wrong argument: one line on stderr, exit code 2, nothing loaded."""
+
+
+# ---------------------------------------------------------------------------------------------- argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be a positive integer or "auto", got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer or "auto", got {value}')
+    return value
+
+
+def _float_in(low: float, high: float | None, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if too_low or (high is not None and value > high) or value != value:
+            bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high else ')'}"
+            raise argparse.ArgumentTypeError(f"must be in {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not key.replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE (e.g. repetition_penalty=1.1), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw  # a bare string: --generation stop_strings=END is fine
+    return key, value
+
+
+def _dtype(text: str) -> str:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPES)}, got {text!r}")
+    return _DTYPE_ALIASES.get(text, text)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, but not the uninformative ones (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("model", help="hub id or local folder of the checkpoint")
+    group.add_argument("--tokenizer", metavar="PATH", help="tokenizer hub id or folder, when not beside the model")
+    group.add_argument("--revision", help="model revision on the hub (branch, tag or commit)")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
+    group.add_argument("--dtype", type=_dtype, metavar="|".join(DTYPES[:5]),
+                       help="weights dtype; auto = the checkpoint's own")
+    group.add_argument("--device", help="e.g. cpu, cuda, cuda:1, mps (default: chosen for you)")
+    group.add_argument("--device-map", help='e.g. "auto": spread the model over the GPUs')
+    group.add_argument("--engine", help="generation engine by name (default: the library's choice)")
+    group.add_argument("--lora", metavar="PATH", help="PEFT LoRA adapter: folder or hub id")
+    group.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (CUDA)")
+    group.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (CUDA)")
+    group.add_argument("--gguf-file", help="GGUF file name inside the model folder or repo")
+    group.add_argument("--compile", action="store_true", help="static KV cache + torch.compile")
+    group.add_argument("--system-prompt", metavar="NAME", help="named chat template, e.g. llama-2, vicuna_v1.1")
+    group.add_argument("--system-message", help="system message for the template")
+    group.add_argument("--chat-template", action="store_true", help="use the tokenizer's own chat template")
+    group.add_argument("--no-emissions", action="store_true", help="don't write emissions.csv")
+    group.add_argument("--emissions-dir", default=".", help="where emissions.csv goes")
+    group.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    group.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def _add_input_options(group: argparse._ArgumentGroup, *, stdin_help: str = "- for stdin") -> None:
+    group.add_argument("--input-format", choices=("txt", "jsonl", "json", "csv", "parquet", "dataset"),
+                       help="input format (default: from the extension; sniffed for stdin)")
+    group.add_argument("--prompt-field", metavar="NAME",
+                       help='field holding the prompt (default: "prompt", else "text", else "messages")')
+    group.add_argument("--messages-field", metavar="NAME", help="field holding chat message lists")
+    group.add_argument("--limit", type=_non_negative_int, metavar="N", help="only the first N records")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="simple-generation",
-        description="Generate answers for a list of prompts with a HuggingFace checkpoint (hub id or folder).",
+    from . import __version__
+
+    parser = _Parser(
+        prog="simple-generation", formatter_class=_HelpFormatter,
+        description="Batched text generation over HuggingFace checkpoints, for a few prompts or big files.\n\n"
+                    "  simple-generation run MODEL --input prompts.jsonl --output answers.jsonl\n"
+                    "  simple-generation MODEL --prompt 'Hello'          (same as run)\n"
+                    "  simple-generation dedup prompts.jsonl --threshold 0.9\n"
+                    "  simple-generation chat MODEL --port 7860",
+        epilog="Exit codes: 0 done, 1 runtime error, 2 usage/input error (nothing loaded), 3 some prompts failed "
+               "(see their records), 130 interrupted (rerun the same command to resume).",
     )
-    parser.add_argument("model", help="hub id or local folder")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--input", help="prompts file: .txt (one per line), .jsonl (\"prompt\" field) or - for stdin")
-    parser.add_argument("--output", help="write JSONL records {index, prompt, answer} here (default: stdout)")
-    parser.add_argument("--system-prompt", help="named chat template, e.g. llama-2, vicuna_v1.1")
-    parser.add_argument("--system-message", help="system message for the template")
-    parser.add_argument("--chat-template", action="store_true", help="use the tokenizer's own chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--num-beams", type=int, default=None)
-    parser.add_argument("--batch-size", default="auto", help='an integer or "auto" (default)')
-    parser.add_argument("--starting-batch-size", type=int, default=256)
-    parser.add_argument("--skip-prompt", action="store_true", help="return only the continuation")
-    parser.add_argument("--dtype", default=None, help="e.g. bfloat16, float16, float32")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--device-map", default=None, help='e.g. "auto"')
-    parser.add_argument("--lora", help="PEFT LoRA adapter: folder or hub id")
-    parser.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (CUDA)")
-    parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (CUDA)")
-    parser.add_argument("--gguf-file", help="GGUF file name inside the model folder or repo")
-    parser.add_argument("--compile", action="store_true", help="static KV cache + torch.compile")
-    parser.add_argument("--no-emissions", action="store_true", help="don't write emissions.csv")
-    parser.add_argument("--emissions-dir", default=".", help="where emissions.csv goes (default: .)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument("--version", action="version", version=f"simple-generation {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,dedup,chat}", parser_class=_Parser)
+
+    run = commands.add_parser("run", help="generate answers for prompts or a file (the default command)",
+                              formatter_class=_HelpFormatter,
+                              description="Generate one output record per prompt, in input order. With --output, "
+                                          "finished answers go to a store (<output>.sqlite): a rerun of the same "
+                                          "command resumes where it stopped.")
+    _add_model_options(run)
+    io_group = run.add_argument_group("input and output")
+    io_group.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    io_group.add_argument("--input", metavar="FILE",
+                          help="prompts: .txt, .jsonl, .json, .csv, .parquet, a datasets folder, or - for stdin; "
+                               "OpenAI Batch request lines are recognised")
+    _add_input_options(io_group)
+    io_group.add_argument("--output", metavar="FILE", help="where the records go (default: stdout)")
+    io_group.add_argument("--output-format", choices=("jsonl", "csv", "parquet", "openai-batch"),
+                          help="output format (default: from the --output extension, else jsonl)")
+    io_group.add_argument("--store", metavar="PATH",
+                          help="SQLite store of finished answers (default: <output>.sqlite when --output is given)")
+    io_group.add_argument("--no-store", action="store_true", help="keep no store (a rerun starts over)")
+    io_group.add_argument("--dry-run", action="store_true",
+                          help="validate the whole input and report counts, token lengths, duplicates and the store; "
+                               "load no model")
+    io_group.add_argument("--on-error", choices=("record", "raise"), default="record",
+                          help="record: a prompt that fails gets an error in its record and the job goes on "
+                               "(exit code 3); raise: stop at the first failure")
+    io_group.add_argument("--near-dedup", type=_float_in(0, 1, low_open=True), metavar="T",
+                          help="skip prompts whose MinHash similarity to an earlier one is >= T (needs datasketch); "
+                               "their records say duplicate_of")
+    io_group.add_argument("--window-size", type=_positive_int, default=10_000, metavar="N",
+                          help="records read and generated at a time (memory stays flat)")
+
+    gen = run.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=_positive_int, metavar="N")
+    gen.add_argument("--temperature", type=_float_in(0, None), help="0 for greedy decoding")
+    gen.add_argument("--top-p", type=_float_in(0, 1, low_open=True))
+    gen.add_argument("--top-k", type=_non_negative_int)
+    gen.add_argument("--num-beams", type=_positive_int)
+    gen.add_argument("-n", "--num-return-sequences", type=_positive_int, metavar="N",
+                     help="answers per prompt (answer becomes a list)")
+    gen.add_argument("--seed", type=_integer,
+                     help="sampling seed: an answer depends only on (prompt, parameters, seed)")
+    gen.add_argument("--generation", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                     help="any other generation setting, the value parsed as JSON (repeatable), "
+                          "e.g. repetition_penalty=1.1")
+    gen.add_argument("--skip-prompt", action="store_true", help="return only the continuation")
+    gen.add_argument("--truncate-prompts", action="store_true",
+                     help="keep the end of prompts longer than the context instead of failing them")
+    gen.add_argument("--batch-size", type=_batch_size, default="auto", help='an integer or "auto"')
+    gen.add_argument("--starting-batch-size", type=_positive_int, help='first batch size tried by "auto"')
+
+    cluster = run.add_argument_group("cluster (Ray)")
+    cluster.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                         help='run over a Ray cluster (ADDRESS: "auto", ray://host:10001; none: a local Ray)')
+    cluster.add_argument("--replicas", type=_positive_int, help="Ray actors, each holding one model (default 1)")
+    cluster.add_argument("--gpus-per-replica", type=_float_in(0, None), help="GPUs per Ray actor (default 0)")
+    run.set_defaults(func=cmd_run)
+
+    dedup = commands.add_parser("dedup", help="report near-duplicate prompts of a file (MinHash, needs datasketch)",
+                                formatter_class=_HelpFormatter,
+                                description="Write one JSONL line per near-duplicate record: its index, the index of "
+                                            "the earlier record it duplicates, and both sources.")
+    dedup.add_argument("input", help="prompts file (any input format) or - for stdin")
+    options = dedup.add_argument_group("options")
+    _add_input_options(options)
+    options.add_argument("--threshold", type=_float_in(0, 1, low_open=True), default=0.9,
+                         help="MinHash Jaccard similarity at which a record is a near-duplicate")
+    options.add_argument("--num-perm", type=_positive_int, default=128, help="MinHash permutations")
+    options.add_argument("--shingle", type=_positive_int, default=5, help="characters per shingle")
+    options.add_argument("--output", metavar="FILE", help="the report (default: stdout)")
+    options.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    dedup.set_defaults(func=cmd_dedup)
+
+    chat = commands.add_parser("chat", help="serve a chat UI for a model", formatter_class=_HelpFormatter)
+    _add_model_options(chat)
+    web = chat.add_argument_group("server")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    web.add_argument("--port", type=_positive_int, default=7860, help="port to listen on")
+    web.add_argument("--share", action="store_true", help="also make a public share link")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    logging.getLogger("simple_generation").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    prompts = list(args.prompt) + (_read_prompts(args.input) if args.input else [])
-    if not prompts:
-        raise SystemExit("No prompts: pass --prompt TEXT (repeatable) or --input FILE.")
+def _with_subcommand(argv: list[str]) -> list[str]:
+    """``simple-generation MODEL ...`` (the original form) means ``run MODEL ...``."""
+    if not argv or argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help", "--version"):
+        return argv
+    return ["run", *argv]
 
-    from .generator import SimpleGenerator  # heavy imports after argument errors
+
+# ---------------------------------------------------------------------------------------------- checks
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return a.samefile(b)
+    except OSError:
+        pass
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def _check_writable(path: str, what: str) -> None:
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{what} {path} is a directory; give a file name.")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: the directory {parent} does not exist.")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{what} {path}: not writable here.")
+
+
+def _local_model(model: str) -> Path | None:
+    path = Path(model).expanduser()
+    return path if path.exists() else None
+
+
+def _check_model_options(args: argparse.Namespace) -> None:
+    local = _local_model(args.model)
+    looks_local = args.model.startswith((".", "/", "~")) or args.model.count("/") > 1
+    if local is None and looks_local:
+        raise UsageError(f"model folder {args.model} does not exist.")
+    if args.gguf_file:
+        gguf = Path(args.gguf_file).expanduser()
+        if local is not None and local.is_dir():
+            if not (local / args.gguf_file).is_file() and not gguf.is_file():
+                found = sorted(p.name for p in local.glob("*.gguf"))
+                raise UsageError(f"--gguf-file {args.gguf_file} is not in {args.model}"
+                                 + (f" (it has: {', '.join(found)})." if found else " (it has no .gguf file)."))
+        elif local is None and gguf.suffix.lower() != ".gguf":
+            raise UsageError(f"--gguf-file {args.gguf_file}: expected a .gguf file name.")
+    if args.lora and args.lora.startswith((".", "/", "~")) and not Path(args.lora).expanduser().exists():
+        raise UsageError(f"--lora {args.lora} does not exist.")
+    if args.load_in_8bit and args.load_in_4bit:
+        raise UsageError("pass either --load-in-8bit or --load-in-4bit, not both.")
+    if args.device and args.device_map:
+        raise UsageError("pass either --device or --device-map, not both.")
+    if args.device:
+        kind = args.device.split(":", 1)[0]
+        if kind not in ("cpu", "cuda", "mps", "xpu", "npu", "hpu", "meta") and not args.device.isdigit():
+            raise UsageError(f"--device {args.device}: expected cpu, cuda, cuda:N, mps, ...")
+        if kind == "cuda" or args.device.isdigit():
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {args.device}: CUDA is not available on this machine "
+                                 "(use --device cpu, or leave --device out).")
+            index = int(args.device.split(":", 1)[1]) if ":" in args.device else None
+            if index is not None and index >= torch.cuda.device_count():
+                raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s).")
+        if kind == "mps":
+            import torch
+
+            if not torch.backends.mps.is_available():
+                raise UsageError("--device mps: MPS is not available on this machine.")
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    if not args.prompt and not args.input:
+        raise UsageError("No prompts: pass --prompt TEXT (repeatable) or --input FILE.")
+    if args.input and args.input != "-":
+        source = Path(args.input).expanduser()
+        if not source.exists():
+            raise UsageError(f"--input {args.input}: no such file or folder.")
+    if args.input == "-" and args.input_format == "dataset":
+        raise UsageError("a datasets folder cannot come from stdin.")
+    if args.output == "-":
+        args.output = None
+    if args.output:
+        if args.input and args.input != "-" and _same_file(args.output, args.input):
+            raise UsageError(f"--output {args.output} is the input file; refusing to overwrite it.")
+        _check_writable(args.output, "--output")
+    fmt = args.output_format
+    if fmt is None and args.output:
+        from .io.writers import output_format_for
+
+        fmt = output_format_for(args.output)
+    if fmt == "parquet" and not args.output:
+        raise UsageError("parquet output needs --output FILE.parquet (not stdout).")
+    if fmt == "parquet" and not _have("pyarrow"):
+        raise UsageError("parquet output needs pyarrow: pip install pyarrow")
+    if args.no_store and args.store:
+        raise UsageError("pass either --store or --no-store.")
+    if args.store:
+        if args.input and args.input != "-" and _same_file(args.store, args.input):
+            raise UsageError(f"--store {args.store} is the input file.")
+        _check_writable(args.store, "--store")
+    if args.near_dedup is not None and not _have("datasketch"):
+        raise UsageError('--near-dedup needs datasketch: pip install "simple-generation[dedup]"')
+    if args.replicas is not None and args.ray is None:
+        raise UsageError("--replicas needs --ray.")
+    if args.ray is not None:
+        if not args.input or args.input == "-" or not args.output:
+            raise UsageError("--ray needs --input FILE and --output FILE.")
+        unsupported = [flag for flag, value in (("--prompt", args.prompt), ("--limit", args.limit),
+                                               ("--near-dedup", args.near_dedup), ("--store", args.store),
+                                               ("--dry-run", args.dry_run)) if value]
+        if unsupported:
+            raise UsageError(f"--ray does not support {', '.join(unsupported)} (the Ray job keeps its own parts "
+                             "and resumes from them).")
+        if fmt not in (None, "jsonl", "parquet"):
+            raise UsageError("--ray writes jsonl or parquet.")
+        if not _have("ray"):
+            raise UsageError('--ray needs Ray: pip install "simple-generation[ray]"')
+    keys = [key for key, _ in args.generation]
+    duplicates = {k for k in keys if keys.count(k) > 1}
+    if duplicates:
+        raise UsageError(f"--generation {', '.join(sorted(duplicates))} given more than once.")
+    _check_generation_values(dict(args.generation))
+    _check_model_options(args)
+
+
+def _check_generation_values(values: dict[str, Any]) -> None:
+    """The ranges of --generation values we know (the library checks the rest when it builds the config)."""
+    from .io.records import PARAM_ALIASES, PARAM_KINDS, InputError, validate_param
+
+    for key, value in values.items():
+        name = PARAM_ALIASES.get(key, key)
+        if name in PARAM_KINDS:
+            try:
+                validate_param(name, value, f"--generation {key}")
+            except InputError as err:
+                raise UsageError(str(err)) from None
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _generator_kwargs(args: argparse.Namespace, *, torch_dtype: bool = True) -> dict[str, Any]:
+    """SimpleGenerator keywords from the model options (``torch_dtype=False``: the dtype as a string)."""
+    kwargs: dict[str, Any] = dict(
+        system_prompt=args.system_prompt, system_message=args.system_message, apply_chat_template=args.chat_template,
+        track_emissions=not args.no_emissions, emissions_dir=args.emissions_dir, lora_weights=args.lora,
+        compile_model=args.compile,
+    )
+    optional = {"device": args.device, "device_map": args.device_map, "tokenizer_name_or_path": args.tokenizer,
+                "revision": args.revision, "gguf_file": args.gguf_file, "engine": args.engine}
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    for flag in ("trust_remote_code", "load_in_8bit", "load_in_4bit"):
+        if getattr(args, flag):
+            kwargs[flag] = True
+    if args.dtype:
+        if args.dtype == "auto" or not torch_dtype:
+            kwargs["dtype"] = args.dtype
+        else:
+            import torch
+
+            kwargs["dtype"] = getattr(torch, args.dtype)
+    return kwargs
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    values = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "num_beams": args.num_beams, "num_return_sequences": args.num_return_sequences}
+    generation = {k: v for k, v in values.items() if v is not None}
+    for key, value in args.generation:
+        if key in generation:
+            raise UsageError(f"--generation {key} repeats --{key.replace('_', '-')}.")
+        generation[key] = value
+    return generation
+
+
+def _spool_stdin() -> str:
+    """Copy stdin to a temporary file (it is read twice: validation, then generation)."""
+    handle, path = tempfile.mkstemp(prefix="simple-generation-stdin-")
+    with os.fdopen(handle, "wb") as out:
+        shutil.copyfileobj(sys.stdin.buffer, out)
+    return path
+
+
+class _Input:
+    """The records of a run: the --prompt texts first, then the --input file; readable several times."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.spooled = _spool_stdin() if args.input == "-" else None
+
+    def records(self, on_invalid=None):
+        from .io import InputRecord, read_records
+
+        args = self.args
+        limit = args.limit
+        for position, text in enumerate(args.prompt):
+            if limit is not None and position >= limit:
+                return
+            yield InputRecord(index=position, prompt=text, source=f"--prompt {position + 1}")
+        if not args.input:
+            return
+        offset = len(args.prompt)
+        remaining = None if limit is None else max(0, limit - offset)
+        if remaining == 0:
+            return
+        stdin = open(self.spooled, "rb") if self.spooled else None  # noqa: SIM115
+        try:
+            for record in read_records(args.input, input_format=args.input_format, prompt_field=args.prompt_field,
+                                       messages_field=args.messages_field, limit=remaining, on_invalid=on_invalid,
+                                       stdin=stdin):
+                record.index += offset
+                yield record
+        finally:
+            if stdin is not None:
+                stdin.close()
+
+    def scan(self, visit=None):
+        from .io.readers import ScanReport, record_digest
+
+        report = ScanReport(path=self.args.input or "--prompt", format="")
+
+        def invalid(err):
+            report.error_count += 1
+            if len(report.errors) < 20:
+                report.errors.append(str(err))
+
+        seen: set[bytes] = set()
+        try:
+            for record in self.records(on_invalid=invalid):
+                report.records += 1
+                report.chat += not isinstance(record.prompt, str)
+                digest = record_digest(record)
+                report.duplicates += digest in seen
+                seen.add(digest)
+                report.with_params.update(record.params)
+                if visit is not None:
+                    visit(record)
+        except Exception as err:  # noqa: BLE001 - a whole-file error (InputError, unreadable file...)
+            invalid(err)
+        return report
+
+    def close(self) -> None:
+        if self.spooled:
+            os.unlink(self.spooled)
+
+
+def _near_duplicates(source: _Input, threshold: float) -> dict[int, int]:
+    from .dedup import near_duplicates
+    from .io import prompt_text
+
+    indices: list[int] = []
+
+    def texts():
+        for record in source.records():
+            indices.append(record.index)
+            yield prompt_text(record.prompt)
+
+    found = near_duplicates(texts(), threshold)
+    return {indices[removed]: indices[kept] for removed, kept in found.items()}
+
+
+def _store_path(args: argparse.Namespace) -> str | None:
+    if args.no_store:
+        return None
+    if args.store:
+        return args.store
+    return f"{args.output}.sqlite" if args.output else None
+
+
+def _writer_options(record) -> dict[str, Any]:
+    if record.openai is None:
+        return {}
+    return {"chat": record.openai.chat, "model": record.openai.model}
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    _check_run(args)
+    _setup_logging(args.quiet)
+    generation = _generation_kwargs(args)
+    if args.ray is not None:
+        return _run_ray(args, generation)
+    source = _Input(args)
+    try:
+        report = source.scan()
+        if report.error_count:
+            for line in report.errors:
+                print(f"simple-generation: error: {line}", file=sys.stderr)
+            more = report.error_count - len(report.errors)
+            if more > 0:
+                print(f"simple-generation: ... and {more} more invalid record(s).", file=sys.stderr)
+            return EXIT_USAGE
+        if report.records == 0 and not args.dry_run:
+            logger.warning("%s: no prompts in the input; nothing to do.", args.input)
+            if args.output:
+                from .io import OrderedWriter
+
+                OrderedWriter(args.output, args.output_format).close()
+            return 0
+        if args.dry_run:
+            return _dry_run(args, source, report)
+        near = _near_duplicates(source, args.near_dedup) if args.near_dedup is not None else {}
+        return _generate(args, source, report.records, near, generation)
+    finally:
+        source.close()
+
+
+def _dry_run(args: argparse.Namespace, source: _Input, report) -> int:
+    out = sys.stdout
+    print(f"input: {args.input or '--prompt'} ({report.records} records"
+          f"{f', {report.chat} chat' if report.chat else ''})", file=out)
+    print(f"exact duplicates (same prompt and parameters): {report.duplicates}", file=out)
+    if report.with_params:
+        print("per-record parameters: " + ", ".join(f"{k} ({v})" for k, v in sorted(report.with_params.items())),
+              file=out)
+    lengths = _token_lengths(args, source)
+    if lengths is not None:
+        print(lengths, file=out)
+    if args.near_dedup is not None:
+        near = _near_duplicates(source, args.near_dedup)
+        print(f"near-duplicates at {args.near_dedup}: {len(near)}", file=out)
+    store = _store_path(args)
+    if store:
+        if Path(store).exists():
+            from .store import ResultStore
+
+            with ResultStore(store) as opened:
+                print(f"store: {store} holds {opened.count()} finished answer(s) (a rerun reuses those whose model, "
+                      "prompt and parameters match)", file=out)
+        else:
+            print(f"store: {store} (new)", file=out)
+    print(f"output: {args.output or 'stdout'}", file=out)
+    return 0
+
+
+def _token_lengths(args: argparse.Namespace, source: _Input) -> str | None:
+    """Token counts of the prompts (before any template), when the tokenizer loads quickly (no model)."""
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        options = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
+        options = {k: v for k, v in options.items() if v}
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **options)
+        try:
+            config = AutoConfig.from_pretrained(args.model, **options)
+            context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        except Exception:  # noqa: BLE001 - the context length is a bonus
+            context = None
+    except Exception as err:  # noqa: BLE001
+        return f"token lengths: not computed (tokenizer not loadable: {str(err).splitlines()[0][:120]})"
+    from .io import prompt_text
+
+    lengths: list[int] = []
+    batch: list[str] = []
+
+    def flush():
+        if batch:
+            lengths.extend(len(ids) for ids in tokenizer(batch, add_special_tokens=True)["input_ids"])
+            batch.clear()
+
+    for record in source.records():
+        batch.append(prompt_text(record.prompt))
+        if len(batch) >= 1000:
+            flush()
+    flush()
+    if not lengths:
+        return None
+    lengths.sort()
+    line = (f"prompt tokens (before any template): min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
+            f"max {lengths[-1]}, total {sum(lengths)}")
+    if context:
+        over = sum(1 for n in lengths if n > context)
+        line += f"; {over} longer than the model's context of {context}"
+    return line
+
+
+class _NoWriter:
+    written = 0
+
+    def add(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _generate(args: argparse.Namespace, source: _Input, total: int, near: dict[int, int],
+              generation: dict[str, Any]) -> int:
+    import inspect
+
+    from .generator import SimpleGenerator
+    from .io import OrderedWriter, output_record, windows
 
     if args.quiet:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-
-    model_kwargs = {}
-    if args.dtype:
-        import torch
-
-        model_kwargs["dtype"] = getattr(torch, args.dtype)
-    if args.device_map:
-        model_kwargs["device_map"] = args.device_map
-    for flag in ("load_in_8bit", "load_in_4bit"):
-        if getattr(args, flag):
-            model_kwargs[flag] = True
-    if args.gguf_file:
-        model_kwargs["gguf_file"] = args.gguf_file
-    generator = SimpleGenerator(
-        args.model, device=args.device, system_prompt=args.system_prompt, system_message=args.system_message,
-        apply_chat_template=args.chat_template, track_emissions=not args.no_emissions,
-        emissions_dir=args.emissions_dir, lora_weights=args.lora, compile_model=args.compile, **model_kwargs,
-    )
-    generation = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                                    "top_p": args.top_p, "num_beams": args.num_beams}.items() if v is not None}
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    answers = generator(prompts, batch_size=batch_size, starting_batch_size=args.starting_batch_size,
-                        skip_prompt=args.skip_prompt, show_progress_bar=not args.quiet, **generation)
-    if not generator.distribution.is_main:
-        return 0
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    generator = SimpleGenerator(args.model, **_generator_kwargs(args))
+    distribution = getattr(generator, "distribution", None)
+    is_main = getattr(distribution, "is_main", True)
+    fmt = args.output_format
+    writer = OrderedWriter(args.output, fmt, model=args.model) if is_main else _NoWriter()
+    store = _store_path(args)
+    call: dict[str, Any] = dict(store=store, on_error=args.on_error, batch_size=args.batch_size,
+                                skip_prompt=args.skip_prompt, show_progress_bar=not args.quiet,
+                                truncate_prompts=args.truncate_prompts, **generation)
+    if args.seed is not None:
+        call["seed"] = args.seed
+    if args.starting_batch_size is not None:
+        if "starting_batch_size" not in inspect.signature(generator.stream).parameters:
+            raise UsageError("--starting-batch-size is not supported by this version's generator.")
+        call["starting_batch_size"] = args.starting_batch_size
+    if store:
+        logger.info("Store: %s (finished answers are kept there; rerun the same command to resume).", store)
+    failures: list[tuple[int, str, str]] = []
+    totals = {"tokens": 0, "cached": 0, "deduplicated": 0, "time": 0.0}
+    started = time.perf_counter()
     try:
-        for index, (prompt, answer) in enumerate(zip(prompts, answers)):
-            out.write(json.dumps({"index": index, "prompt": prompt, "answer": answer}, ensure_ascii=False) + "\n")
+        for window in windows(source.records(), args.window_size):
+            todo = []
+            for record in window:
+                if record.index in near:
+                    writer.add(record.index, output_record(record, duplicate_of=near[record.index]),
+                               **_writer_options(record))
+                else:
+                    todo.append(record)
+            if not todo:
+                continue
+            params = [record.params or None for record in todo]
+            for result in _stream(generator, [record.prompt for record in todo], params if any(params) else None,
+                                  call):
+                record = todo[result["index"] if isinstance(result, dict) else result.index]
+                out = output_record(record, result)
+                if out["error"] is not None:
+                    failures.append((record.index, record.source, str(out["error"])))
+                writer.add(record.index, out, **_writer_options(record))
+            run = generator.last_run
+            totals["tokens"] += getattr(run, "generated_tokens", 0) or 0
+            totals["cached"] += getattr(run, "cached", 0) or 0
+            totals["deduplicated"] += getattr(run, "deduplicated", 0) or 0
+    except KeyboardInterrupt:
+        writer.close()
+        print(f"\nsimple-generation: interrupted; {writer.written} of {total} records written"
+              + (f", finished answers are in {store}: rerun the same command to resume." if store else "."),
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        writer.close()
+    if not is_main:
+        return 0
+    elapsed = time.perf_counter() - started
+    logger.info("%d records -> %s: %d generated tokens in %.1fs (%.1f tokens/s); %d from the store, "
+                "%d exact duplicates, %d near-duplicates, %d failed.", total, args.output or "stdout",
+                totals["tokens"], elapsed, totals["tokens"] / elapsed if elapsed > 0 else 0.0, totals["cached"],
+                totals["deduplicated"], len(near), len(failures))
+    if failures:
+        print(f"simple-generation: {len(failures)} prompt(s) failed (their records carry the error"
+              + ("; a rerun retries only those)" if store else ")") + ":", file=sys.stderr)
+        for index, where, error in failures[:20]:
+            print(f"  record {index} ({where}): {error.splitlines()[0] if error else error}", file=sys.stderr)
+        if len(failures) > 20:
+            print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _stream(generator, prompts: list, params: list | None, call: dict[str, Any]):
+    """``generator.stream``; with an older generator (no ``stream``), its ``__call__`` (no store, no params)."""
+    if hasattr(generator, "stream"):
+        yield from generator.stream(prompts, params=params, **call)
+        return
+    if params is not None:
+        raise UsageError("per-record parameters need a generator with stream().")
+    call = {k: v for k, v in call.items() if k not in ("store", "on_error")}
+    for index, answer in enumerate(generator(prompts, **call)):
+        texts = answer if isinstance(answer, list) else [answer]
+        yield {"index": index, "text": texts[0], "texts": texts, "error": None}
+
+
+def _run_ray(args: argparse.Namespace, generation: dict[str, Any]) -> int:
+    from .cluster import generate_dataset
+
+    options: dict[str, Any] = dict(generation)
+    for key in ("skip_prompt", "truncate_prompts"):
+        if getattr(args, key):
+            options[key] = True
+    if args.seed is not None:
+        options["seed"] = args.seed
+    summary = generate_dataset(
+        args.input, args.model, args.output, replicas=args.replicas or 1,
+        gpus_per_replica=args.gpus_per_replica or 0, address=None if args.ray == "local" else args.ray,
+        output_format=args.output_format, input_format=args.input_format, ordered=True,
+        prompt_field=args.prompt_field, messages_field=args.messages_field, on_error=args.on_error,
+        model_kwargs=_generator_kwargs(args, torch_dtype=False), track_emissions=not args.no_emissions,
+        emissions_dir=args.emissions_dir, show_progress=not args.quiet,
+        **({"batch_size": args.batch_size} if isinstance(args.batch_size, int) else {}), **options,
+    )
+    errors = getattr(summary, "errors", 0) or 0
+    logger.info("%s", summary)
+    return EXIT_FAILED if errors else 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    if args.input != "-" and not Path(args.input).expanduser().exists():
+        raise UsageError(f"{args.input}: no such file or folder.")
+    if args.output:
+        if args.input != "-" and _same_file(args.output, args.input):
+            raise UsageError(f"--output {args.output} is the input file; refusing to overwrite it.")
+        _check_writable(args.output, "--output")
+    if not _have("datasketch"):
+        raise UsageError('dedup needs datasketch: pip install "simple-generation[dedup]"')
+    from .dedup import near_duplicates
+    from .io import prompt_text, read_records
+
+    records: list[tuple[int, str]] = []  # (index, source) of each record, for the report
+
+    def texts():
+        for record in read_records(args.input, input_format=args.input_format, prompt_field=args.prompt_field,
+                                   messages_field=args.messages_field, limit=args.limit):
+            records.append((record.index, record.source))
+            yield prompt_text(record.prompt)
+
+    found = near_duplicates(texts(), args.threshold, num_perm=args.num_perm, shingle=args.shingle)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for removed, kept in sorted(found.items()):
+            out.write(json.dumps({"index": records[removed][0], "duplicate_of": records[kept][0],
+                                  "source": records[removed][1], "duplicate_of_source": records[kept][1]},
+                                 ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()
-    run = generator.last_run
-    logging.getLogger("simple_generation").info(
-        "%d prompts, %d tokens in %.1fs (%.1f tokens/s)", run.prompts, run.generated_tokens, run.wall_time_s,
-        run.tokens_per_second)
+    print(f"simple-generation: {len(records)} records, {len(found)} near-duplicate(s) at threshold "
+          f"{args.threshold}" + (f"; report in {args.output}" if args.output else ""), file=sys.stderr)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _check_model_options(args)
+    _setup_logging(args.quiet)
+    try:
+        from .app import serve
+    except ImportError as err:
+        raise UsageError(f"the chat UI is not available: {err}") from None
+    from .generator import SimpleGenerator
+
+    generator = SimpleGenerator(args.model, **_generator_kwargs(args))
+    serve(generator, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    argv = _with_subcommand(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    debug = getattr(args, "debug", False)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("\nsimple-generation: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as err:
+        if debug:
+            raise
+        print(f"simple-generation: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001 - one line for users; --debug shows the traceback
+        if debug:
+            raise
+        from .io import InputError
+
+        code = EXIT_USAGE if isinstance(err, InputError) else EXIT_ERROR
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"simple-generation: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

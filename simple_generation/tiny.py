@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 _CORPUS = """\
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = build_tiny_checkpoint(args.path, args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
                                 context=args.context)
-    print(out)
+    print(out, file=sys.stderr)
 
 
 if __name__ == "__main__":
