@@ -1,0 +1,588 @@
+"""A local web app (gradio): chat with the loaded model, or run a file of prompts, from the browser.
+
+``simple-generation chat MODEL`` starts it; in Python, ``build_app(gen)`` (or ``gen.chat_app()``) returns the
+gradio ``Blocks`` and ``serve(gen)`` launches it on 127.0.0.1.
+
+- **Chat**: multi-turn; each turn's prompt is formatted exactly as ``conversation_from_user_prompts`` formats
+  it (named template, else the tokenizer's chat template, else the plain ``User:``/``Assistant:`` transcript),
+  tokens stream into the page, Stop ends generation at the next token, template stop strings never show.
+- **Batch**: upload a ``.txt``/``.jsonl``/``.csv`` file, run it with a progress bar, preview and download the
+  records (the command line's records). Answers go to a SQLite store named after the file's content and the
+  parameters, so uploading the same file again (after a reload or a restart) resumes instead of starting over.
+
+Only uploaded files are read: no path typed in the page ever reaches the server's disk.
+
+Example:
+    >>> from simple_generation import SimpleGenerator
+    >>> from simple_generation.app import serve
+    >>> serve(SimpleGenerator("/tmp/tiny-llama"))                               # doctest: +SKIP
+"""
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("simple_generation")
+
+INPUT_SUFFIXES = (".txt", ".jsonl", ".csv")
+PREVIEW_ROWS = 200
+_CHUNK = 8  # prompts per progress step when the generator cannot stream results
+
+CSS = """
+.gradio-container { max-width: min(1100px, 100vw) !important; margin: 0 auto; }
+#about { font-size: 0.92em; opacity: 0.85; }
+#chatbot .message-content, #chatbot .message { white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word; }
+#chat-status, #batch-status { min-height: 1.6em; }
+#batch-table { max-width: 100%; overflow-x: auto; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------- chat logic
+def default_system_message(gen) -> str | None:
+    """What the system box starts with: the generator's system message, else the named template's own.
+
+    None when conversations have no system message at all (no template and no chat template).
+    """
+    formatter = gen.formatter
+    if not formatter.formats_conversations:
+        return None
+    if formatter.system_message is not None:
+        return formatter.system_message
+    return formatter.template.system_message if formatter.template is not None else ""
+
+
+def chat_request(gen, messages: Sequence[dict[str, str]], system_message: str | None = None) -> str | list[dict]:
+    """What ``conversation_from_user_prompts`` gives the generator for a conversation ending with a user turn.
+
+    With a named template or a tokenizer chat template, the message list (the formatter renders it); else the
+    plain transcript followed by ``Assistant:``. A system message other than the default goes first as a
+    ``system`` message (it replaces the template's, as FastChat does).
+    """
+    from .conversation import Conversation
+
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    formatter = gen.formatter
+    if formatter.formats_conversations:
+        if system_message is not None and system_message != default_system_message(gen):
+            messages = [{"role": "system", "content": system_message}] + messages
+        return messages
+    conversation = Conversation(messages=messages, template=formatter.template,
+                                system_message=formatter.system_message, tokenizer=gen.tokenizer)
+    return f"{conversation}\nAssistant:"
+
+
+def visible_text(raw: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """The part of streamed text that may be shown: cut at the first stop string, and without a tail that
+    could still become one (``"USE"`` while ``"USER:"`` is a stop string). Returns (text, stopped)."""
+    cut = min((i for i in (raw.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+    if cut >= 0:
+        return raw[:cut], True
+    hold = 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(raw)), hold, -1):
+            if raw.endswith(stop[:size]):
+                hold = size
+                break
+    return raw[: len(raw) - hold], False
+
+
+def generation_settings(temperature: float, top_p: float, max_new_tokens: int, seed: Any = None) -> dict[str, Any]:
+    """Keywords for the generator from the page's controls (temperature 0 = greedy)."""
+    settings: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature)}
+    if float(temperature) > 0:
+        settings["top_p"] = float(top_p)
+    if seed not in (None, ""):
+        settings["seed"] = int(seed)
+    return settings
+
+
+@dataclass
+class ChatUpdate:
+    """One step of a streamed reply: the text to show, tokens so far, and at the end how it finished."""
+
+    text: str
+    tokens: int
+    done: bool = False
+    finish: str = ""          # "stop" (end of answer), "length", "stopped" (Stop button), "error"
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class _StopOnEvent:
+    """A stopping criterion that ends generation once ``event`` is set; counts the tokens generated."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+        self.steps = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.steps += 1
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_reply(gen, request: str | list[dict], settings: dict[str, Any], stop_event: threading.Event,
+                 lock: Any = None) -> Iterator[ChatUpdate]:
+    """Generate the answer to ``request`` in a thread and yield it as it grows; the last update holds the
+    answer exactly as ``gen([request], skip_prompt=True, ...)`` returns it, stripped.
+
+    Setting ``stop_event`` ends generation at the next token. Closing the iterator sets it too.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    criterion = _StopOnEvent(stop_event)
+    stopper = type("StopOnEvent", (StoppingCriteria,), {"__call__": lambda self, ids, scores, **kw:
+                                                         criterion(ids, scores, **kw)})()
+    streamer = TextIteratorStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.05)
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with lock if lock is not None else _nullcontext():
+                started = time.perf_counter()
+                answers = gen([request], skip_prompt=True, show_progress_bar=False, batch_size=1, streamer=streamer,
+                              stopping_criteria=StoppingCriteriaList([stopper]), **settings)
+                outcome["seconds"] = time.perf_counter() - started
+                outcome["answer"] = answers[0] if isinstance(answers[0], str) else answers[0][0]
+                outcome["tokens"] = gen.last_run.generated_tokens
+        except Exception as err:  # shown in the page; the app keeps running
+            logger.exception("Chat generation failed")
+            outcome["error"] = f"{type(err).__name__}: {err}"
+        finally:
+            streamer.text_queue.put(streamer.stop_signal)
+
+    stop_strings = list(gen.formatter.stop_strings)
+    thread = threading.Thread(target=work, name="simple-generation-chat", daemon=True)
+    thread.start()
+    raw = ""
+    try:
+        while True:
+            try:
+                chunk = streamer.text_queue.get(timeout=0.05)
+            except queue.Empty:
+                if not thread.is_alive():
+                    break
+                continue
+            if chunk is streamer.stop_signal:
+                break
+            raw += chunk
+            shown, _ = visible_text(raw, stop_strings)
+            yield ChatUpdate(shown.lstrip(), criterion.steps)
+        thread.join()
+    finally:
+        if thread.is_alive():  # the page went away or the event was cancelled: end generation now
+            stop_event.set()
+    if "error" in outcome:
+        yield ChatUpdate(visible_text(raw, stop_strings)[0].strip(), criterion.steps, done=True, finish="error",
+                         error=outcome["error"])
+        return
+    tokens = outcome.get("tokens", criterion.steps)
+    if stop_event.is_set():
+        finish = "stopped"
+    elif tokens >= settings.get("max_new_tokens", float("inf")):
+        finish = "length"
+    else:
+        finish = "stop"
+    yield ChatUpdate(outcome["answer"].strip(), tokens, done=True, finish=finish, seconds=outcome.get("seconds", 0.0))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------- batch logic
+@dataclass
+class BatchSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    skip_prompt: bool = True
+    output_format: str = "jsonl"
+
+    def generation(self) -> dict[str, Any]:
+        return generation_settings(self.temperature, self.top_p, self.max_new_tokens, self.seed)
+
+    def key(self) -> str:
+        return json.dumps({**self.generation(), "skip_prompt": self.skip_prompt}, sort_keys=True)
+
+
+@dataclass
+class BatchProgress:
+    done: int
+    total: int
+    tokens: int
+    seconds: float
+    cached: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        parts = [f"{self.done}/{self.total} prompts"]
+        if self.tokens or not self.cached:
+            parts.append(f"{self.tokens_per_second:.1f} tokens/s")
+        if self.cached:
+            parts.append(f"{self.cached} from the store")
+        return " · ".join(parts)
+
+
+def default_cache_dir() -> Path:
+    """Where the batch tab keeps its stores: ``$SIMPLE_GENERATION_APP_CACHE``, else
+    ``~/.cache/simple-generation/app``."""
+    env = os.environ.get("SIMPLE_GENERATION_APP_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "simple-generation" / "app"
+
+
+def batch_store_path(data: bytes, suffix: str, settings: BatchSettings, cache_dir: Path) -> Path:
+    """One store per (file content, parameters): the same upload after a reload or a restart finds it again."""
+    digest = hashlib.sha256()
+    digest.update(data)
+    digest.update(suffix.encode())
+    digest.update(settings.key().encode())
+    return Path(cache_dir) / f"batch-{digest.hexdigest()[:24]}.sqlite"
+
+
+def _read_input(path: Path) -> list[Any]:
+    """The records of an uploaded file, read with :mod:`simple_generation.io` (the command line's reader)."""
+    from .io import read_records
+
+    return list(read_records(path))
+
+
+def _results(gen, records: list[Any], settings: BatchSettings, store: Path) -> Iterator[Any]:
+    """Results in completion order, each with ``index``; through ``gen.stream`` when the generator has it."""
+    prompts = [r.prompt for r in records]
+    params = [r.params or None for r in records]
+    if hasattr(gen, "stream"):
+        yield from gen.stream(prompts, params=params, store=str(store), on_error="record",
+                              skip_prompt=settings.skip_prompt, show_progress_bar=False, **settings.generation())
+        return
+    # An older generator: plain calls in chunks (no store, no per-record parameters).
+    for start in range(0, len(prompts), _CHUNK):
+        chunk = prompts[start:start + _CHUNK]
+        answers = gen(chunk, skip_prompt=settings.skip_prompt, show_progress_bar=False, **settings.generation())
+        share = gen.last_run.generated_tokens // max(len(chunk), 1)
+        for offset, answer in enumerate(answers):
+            texts = answer if isinstance(answer, list) else [answer]
+            yield {"index": start + offset, "text": texts[0], "texts": texts, "finish_reason": None,
+                   "prompt_tokens": None, "completion_tokens": share, "error": None, "cached": False}
+
+
+def _get(result: Any, name: str, default: Any = None) -> Any:
+    return result.get(name, default) if isinstance(result, dict) else getattr(result, name, default)
+
+
+def run_batch(gen, upload: str | Path, settings: BatchSettings, cache_dir: str | Path,
+              on_progress: Callable[[BatchProgress], None] | None = None,
+              lock: Any = None) -> tuple[Path, list[dict[str, Any]]]:
+    """Run every record of the uploaded file; return the results file and its records (in input order)."""
+    from .io import OrderedWriter, output_record
+
+    upload = Path(upload)
+    suffix = upload.suffix.lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise ValueError(f"Upload a {', '.join(INPUT_SUFFIXES)} file (got {upload.name!r}).")
+    data = upload.read_bytes()
+    records = _read_input(upload)
+    if not records:
+        raise ValueError(f"{upload.name} holds no prompts.")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    store = batch_store_path(data, suffix, settings, cache_dir)
+    out_dir = Path(tempfile.mkdtemp(prefix="simple-generation-app-"))
+    extension = "csv" if settings.output_format == "csv" else "jsonl"
+    output = out_dir / f"{upload.stem}.answers.{extension}"
+    by_index = {r.index: r for r in records}
+    rows: dict[int, dict[str, Any]] = {}
+    progress = BatchProgress(0, len(records), 0, 0.0)
+    started = time.perf_counter()
+    with lock if lock is not None else _nullcontext(), OrderedWriter(output, extension) as writer:
+        if on_progress:
+            on_progress(progress)
+        for result in _results(gen, records, settings, store):
+            index = _get(result, "index")
+            record = output_record(by_index[index], result)
+            rows[index] = record
+            writer.add(index, record)
+            progress.done += 1
+            if _get(result, "cached"):
+                progress.cached += 1
+            else:
+                progress.tokens += _get(result, "completion_tokens") or 0
+            progress.seconds = time.perf_counter() - started
+            if on_progress:
+                on_progress(progress)
+    return output, [rows[i] for i in sorted(rows)]
+
+
+# -------------------------------------------------------------------------------------------------- about
+def _template_name(gen) -> str:
+    formatter = gen.formatter
+    if formatter.template is not None:
+        return formatter.template.name
+    if getattr(gen.tokenizer, "chat_template", None):
+        return "tokenizer chat template"
+    return "none (plain User:/Assistant: transcript)"
+
+
+def _engine_name(gen) -> str:
+    name = getattr(getattr(gen, "last_run", None), "engine", "") or ""
+    if name:
+        return name
+    engine = getattr(gen, "engine", None)
+    return getattr(engine, "name", None) or type(engine).__name__ if engine is not None else "hf"
+
+
+class _Emissions:
+    """Energy and emissions of every call made by the app since it started (when the generator tracks them)."""
+
+    def __init__(self):
+        self.kwh = 0.0
+        self.kg = 0.0
+        self.measured = False
+        self._lock = threading.Lock()
+
+    def add(self, run: Any) -> None:
+        kg = getattr(run, "emissions_kg_co2eq", None)
+        kwh = getattr(run, "energy_kwh", None)
+        with self._lock:
+            if kg is not None:
+                self.kg += kg
+                self.measured = True
+            if kwh is not None:
+                self.kwh += kwh
+
+    def describe(self, gen) -> str:
+        if not self.measured:
+            return "not tracked" if not getattr(gen, "track_emissions", False) else "none yet"
+        return f"{self.kg * 1000:.4f} g CO₂eq ({self.kwh * 1000:.4f} Wh)"
+
+
+def about_line(gen, emissions: _Emissions) -> str:
+    dtype = str(getattr(gen.model, "dtype", "")).replace("torch.", "")
+    return (f"**Model** `{gen.model_name_or_path}` · **dtype** {dtype} · **device** {gen.placement} · "
+            f"**engine** {_engine_name(gen)} · **template** {_template_name(gen)} · "
+            f"**emissions since start** {emissions.describe(gen)}")
+
+
+# ------------------------------------------------------------------------------------------------------ UI
+def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-generation"):
+    """The gradio ``Blocks`` of the app for generator ``gen`` (``.launch()`` it, or use :func:`serve`).
+
+    ``cache_dir`` holds the batch tab's stores (default: :func:`default_cache_dir`).
+    """
+    try:
+        import gradio as gr
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError('The web app needs gradio: pip install "simple-generation[app]"') from err
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    lock = threading.Lock()  # one generation at a time on the model (chat turns and batch jobs)
+    emissions = _Emissions()
+    stop_events: dict[str, threading.Event] = {}
+    system_default = default_system_message(gen)
+    context = getattr(gen, "context_length", None) or 4096
+    defaults = gen.defaults
+    max_tokens_limit = max(16, min(int(context), 8192))
+    default_max_new = max(1, min(int(defaults.max_new_tokens or 256), max_tokens_limit))
+    default_temperature = float(defaults.temperature) if defaults.do_sample else 0.0
+
+    def session_event(request: gr.Request | None) -> threading.Event:
+        key = getattr(request, "session_hash", None) or "default"
+        return stop_events.setdefault(key, threading.Event())
+
+    def about() -> str:
+        return about_line(gen, emissions)
+
+    def status_line(update: ChatUpdate) -> str:
+        if not update.done:
+            return f"Generating… {update.tokens} tokens"
+        if update.error:
+            return f"**Error:** {update.error}"
+        rate = f" · {update.tokens / update.seconds:.1f} tokens/s" if update.seconds > 0 else ""
+        label = {"stop": "end of answer", "length": "max new tokens reached", "stopped": "stopped"}[update.finish]
+        return f"{update.tokens} tokens{rate} · {label}"
+
+    def add_user_message(text: str, messages: list, request: gr.Request):
+        session_event(request).clear()
+        messages = list(messages or [])
+        if text and text.strip():
+            messages.append({"role": "user", "content": text})
+        return "", messages, _display(messages)
+
+    def respond(messages: list, system: str | None, temperature: float, top_p: float, max_new_tokens: float,
+                request: gr.Request):
+        messages = list(messages or [])
+        if not messages or messages[-1]["role"] != "user":
+            yield messages, _display(messages), gr.update(), about()
+            return
+        event = session_event(request)
+        request_ = chat_request(gen, messages, system if system_default is not None else None)
+        settings = generation_settings(temperature, top_p, max_new_tokens)
+        for update in stream_reply(gen, request_, settings, event, lock):
+            if update.done:
+                if update.error is None or update.text:
+                    messages = messages + [{"role": "assistant", "content": update.text}]
+                if update.error is None:
+                    emissions.add(gen.last_run)
+                yield messages, _display(messages), status_line(update), about()
+            else:
+                yield messages, _display(messages, update.text), status_line(update), about()
+
+    def stop(request: gr.Request):
+        session_event(request).set()
+
+    def clear(request: gr.Request):
+        session_event(request).set()
+        return [], [], ""
+
+    def batch(upload, max_new_tokens, temperature, top_p, seed, skip_prompt, output_format,
+              progress=gr.Progress()):  # noqa: B008 - gradio's idiom
+        if upload is None:
+            raise gr.Error("Upload a .txt, .jsonl or .csv file first.")
+        path = Path(upload if isinstance(upload, str) else getattr(upload, "name", upload))
+        settings = BatchSettings(int(max_new_tokens), float(temperature), float(top_p),
+                                 None if seed in (None, "") else int(seed), bool(skip_prompt), output_format)
+        last = {}
+
+        def on_progress(p: BatchProgress) -> None:
+            last["p"] = p
+            progress((p.done, p.total), desc=p.describe(), unit="prompts")
+
+        try:
+            output, rows = run_batch(gen, path, settings, cache_dir, on_progress, lock)
+        except Exception as err:
+            logger.exception("Batch run failed")
+            raise gr.Error(f"{type(err).__name__}: {err}") from err
+        emissions.add(gen.last_run)
+        p = last.get("p")
+        failed = sum(1 for r in rows if r.get("error"))
+        summary = f"Done: {p.describe() if p else ''}" + (f" · **{failed} failed**" if failed else "")
+        return summary, _preview(rows), str(output), about()
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {title}")
+        about_md = gr.Markdown(about(), elem_id="about")
+        with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+            messages_state = gr.State([])
+            chatbot = gr.Chatbot(elem_id="chatbot", label="Conversation", height=440, render_markdown=False,
+                                 feedback_options=None, buttons=["copy"], group_consecutive_messages=False)
+            with gr.Row(equal_height=True):
+                textbox = gr.Textbox(placeholder="Type a message, Enter to send", show_label=False, scale=5,
+                                     min_width=200, elem_id="chat-input", autofocus=True)
+                send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
+                stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="chat-stop")
+                clear_button = gr.Button("Clear", scale=1, min_width=80, elem_id="chat-clear")
+            chat_status = gr.Markdown("", elem_id="chat-status")
+            with gr.Accordion("Generation settings", open=True):
+                system_box = gr.Textbox(
+                    value=system_default or "", label="System message", lines=3, max_lines=8, elem_id="system",
+                    interactive=system_default is not None,
+                    info=None if system_default is not None else
+                    "This model has no chat template: the prompt is the plain User:/Assistant: transcript.",
+                )
+                with gr.Row():
+                    temperature = gr.Slider(0, 2, value=default_temperature, step=0.05,
+                                            label="Temperature (0 = greedy)", elem_id="chat-temperature",
+                                            min_width=220)
+                    top_p = gr.Slider(0.05, 1, value=float(defaults.top_p or 1.0), step=0.05, label="top_p",
+                                      elem_id="chat-top-p", min_width=220)
+                    max_new = gr.Slider(1, max_tokens_limit, value=default_max_new, step=1, label="Max new tokens",
+                                        elem_id="chat-max-new-tokens", min_width=220)
+        with gr.Tab("Batch", id="batch", elem_id="tab-batch"):
+            gr.Markdown("Upload a `.txt` (one prompt per line), `.jsonl` or `.csv` file (a `prompt` or `text` field; "
+                        "other fields are carried into the results). Running the same file with the same settings "
+                        "again resumes from its store.")
+            upload = gr.File(label="Prompts file", file_types=list(INPUT_SUFFIXES), type="filepath",
+                             elem_id="batch-file", height=120)
+            with gr.Row():
+                b_max_new = gr.Slider(1, max_tokens_limit, value=min(128, max_tokens_limit), step=1,
+                                      label="Max new tokens", elem_id="batch-max-new-tokens", min_width=220)
+                b_temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)",
+                                          elem_id="batch-temperature", min_width=220)
+                b_top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top_p", elem_id="batch-top-p",
+                                    min_width=220)
+            with gr.Row(equal_height=True):
+                b_seed = gr.Number(value=None, precision=0, label="Seed", placeholder="none", elem_id="batch-seed",
+                                   min_width=160)
+                b_skip = gr.Checkbox(value=True, label="Answer only (skip the prompt)", elem_id="batch-skip",
+                                     min_width=220)
+                b_format = gr.Radio(["jsonl", "csv"], value="jsonl", label="Results format",
+                                    elem_id="batch-format", min_width=220)
+            run_button = gr.Button("Run", variant="primary", elem_id="batch-run")
+            batch_status = gr.Markdown("", elem_id="batch-status")
+            table = gr.Dataframe(label="Results (preview)", elem_id="batch-table", interactive=False, wrap=True,
+                                 max_height=420)
+            download = gr.File(label="Results file", elem_id="batch-download", interactive=False)
+
+        submit_inputs = [textbox, messages_state]
+        submit_outputs = [textbox, messages_state, chatbot]
+        respond_inputs = [messages_state, system_box, temperature, top_p, max_new]
+        respond_outputs = [messages_state, chatbot, chat_status, about_md]
+        for trigger in (textbox.submit, send.click):
+            trigger(add_user_message, submit_inputs, submit_outputs, queue=False).then(
+                respond, respond_inputs, respond_outputs, concurrency_id="model", concurrency_limit=1,
+                show_progress="hidden",
+            )
+        stop_button.click(stop, None, None, queue=False)
+        clear_button.click(clear, None, [messages_state, chatbot, chat_status], queue=False)
+        chatbot.clear(clear, None, [messages_state, chatbot, chat_status], queue=False)
+        run_button.click(batch, [upload, b_max_new, b_temperature, b_top_p, b_seed, b_skip, b_format],
+                         [batch_status, table, download, about_md], concurrency_id="model", concurrency_limit=1)
+
+        def forget(request: gr.Request):
+            stop_events.pop(getattr(request, "session_hash", None) or "default", None)
+
+        demo.unload(forget)
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def _display(messages: list[dict[str, str]], partial: str | None = None) -> list[dict[str, str]]:
+    shown = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if partial is not None:
+        shown.append({"role": "assistant", "content": partial})
+    return shown
+
+
+def _preview(rows: list[dict[str, Any]]):
+    import gradio as gr
+    import pandas as pd
+
+    head = rows[:PREVIEW_ROWS]
+    frame = pd.DataFrame([{k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v)
+                           for k, v in row.items()} for row in head])
+    widths = [f"{260 if name in ('prompt', 'answer', 'error') else max(70, 9 * len(str(name)) + 28)}px"
+              for name in frame.columns]
+    return gr.Dataframe(value=frame, column_widths=widths)
+
+
+def serve(gen, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **launch_kwargs: Any):
+    """Build the app and launch it: on 127.0.0.1 unless ``host`` says otherwise; ``share=True`` is a public link.
+
+    Blocks until interrupted, unless ``prevent_thread_lock=True`` is passed (then the ``Blocks`` is returned).
+    """
+    cache_dir = launch_kwargs.pop("cache_dir", None)
+    demo = build_app(gen, cache_dir=cache_dir)
+    launch_kwargs.setdefault("css", CSS)
+    demo.launch(server_name=host, server_port=port, share=share, **launch_kwargs)
+    return demo

@@ -1,0 +1,298 @@
+"""The web app (simple_generation.app), driven over HTTP by a real headless Chromium (Playwright).
+
+One app server per module, on a free port of 127.0.0.1, serving a tiny local Llama with the vicuna_v1.1
+template. The checkpoint never ends an answer by itself (its EOS token is suppressed in the generation
+config it ships, like a base model that rambles): every answer runs to max_new_tokens, which gives the Stop
+test a long generation to end. Browser tests skip cleanly without gradio, playwright or Debian's chromium
+(``bash scripts/install-browser.sh`` installs them). Screenshots go to the test's temporary directory.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from simple_generation import SimpleGenerator
+from simple_generation.app import chat_request, generation_settings, stream_reply, visible_text
+from simple_generation.tiny import build_tiny_checkpoint
+
+CHROMIUM = os.environ.get("SIMPLE_GENERATION_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHAT_TOKENS = 12
+TIMEOUT_MS = 180_000
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def rambling_path(tmp_path_factory):
+    """A tiny Llama with a 4096-token context whose answers never end before max_new_tokens."""
+    from transformers import GenerationConfig
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("app") / "llama-4k", "llama", context=4096)
+    config = GenerationConfig.from_pretrained(path)
+    config.suppress_tokens = [config.eos_token_id]
+    config.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gen(rambling_path):
+    return SimpleGenerator(rambling_path, device="cpu", system_prompt="vicuna_v1.1", track_emissions=False)
+
+
+def expected_answers(gen, turns, max_new_tokens=CHAT_TOKENS):
+    conversation = gen.conversation_from_user_prompts(list(turns), max_new_tokens=max_new_tokens, temperature=0,
+                                                      show_progress_bar=False)
+    return conversation.answers
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(gen, tmp_path_factory):
+    pytest.importorskip("gradio")
+    from simple_generation.app import CSS, build_app
+
+    demo = build_app(gen, cache_dir=tmp_path_factory.mktemp("app-cache"))
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (bash scripts/install-browser.sh)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser, server):
+    contexts = []
+
+    def opener(width=1200, height=1000):
+        context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server)
+        page.wait_for_selector("#chat-input textarea")
+        return page
+
+    yield opener
+    for context in contexts:
+        context.close()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    page.wait_for_function(f"document.querySelector('#{elem_id} input[type=number]').value == '{value}'")
+
+
+def chat_settings(page, max_new_tokens=CHAT_TOKENS, temperature=0) -> None:
+    set_number(page, "chat-temperature", temperature)
+    set_number(page, "chat-max-new-tokens", max_new_tokens)
+
+
+def messages(page, role: str) -> list[str]:
+    return page.eval_on_selector_all(f'#chatbot [data-testid="{role}"] .message-content',
+                                     "els => els.map(e => e.textContent)")
+
+
+def send(page, text: str) -> None:
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#chat-input textarea").press("Enter")
+
+
+def wait_for_answer(page, turn: int) -> str:
+    """Wait until the bot's ``turn``-th answer is final; return the status line (``N tokens · ...``)."""
+    page.wait_for_function(
+        """turn => document.querySelectorAll('#chatbot [data-testid="bot"]').length >= turn
+                   && /^\\d+ tokens/.test(document.querySelector('#chat-status').innerText.trim())""",
+        arg=turn,
+    )
+    return page.inner_text("#chat-status").strip()
+
+
+# ----------------------------------------------------------------------------- chat logic (no browser)
+def test_visible_text_never_shows_a_stop_string():
+    assert visible_text("Four. USER: and", ["USER:"]) == ("Four. ", True)
+    assert visible_text("Four. US", ["USER:"]) == ("Four. ", False)   # could still become "USER:"
+    assert visible_text("Four. USA", ["USER:"]) == ("Four. USA", False)
+    assert visible_text("a</s>b USER:", ["</s>", "USER:"]) == ("a", True)
+    assert visible_text("plain", []) == ("plain", False)
+
+
+@pytest.mark.parametrize("kind", ["plain", "chat_template"])
+def test_streamed_turns_equal_conversation_from_user_prompts(kind, llama_path, tmp_path):
+    """What the chat tab runs for each turn (chat_request + stream_reply) answers as conversation_from_user_prompts
+    does, with the plain User:/Assistant: transcript and with a tokenizer chat template."""
+    path = llama_path
+    if kind == "chat_template":
+        from transformers import AutoTokenizer
+
+        path = tmp_path / "llama-chat"
+        shutil.copytree(llama_path, path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(path)
+    generator = SimpleGenerator(str(path), device="cpu", track_emissions=False)
+    assert generator.formatter.formats_conversations == (kind == "chat_template")
+    turns = ["Hello there", "What is 2 + 2?"]
+    history, streamed = [], []
+    settings = generation_settings(temperature=0, top_p=1.0, max_new_tokens=10)
+    for turn in turns:
+        history.append({"role": "user", "content": turn})
+        updates = list(stream_reply(generator, chat_request(generator, history), settings, threading.Event()))
+        assert updates[-1].done and updates[-1].error is None
+        history.append({"role": "assistant", "content": updates[-1].text})
+        streamed.append([u.text for u in updates[:-1]])
+    assert [m["content"] for m in history if m["role"] == "assistant"] == expected_answers(generator, turns, 10)
+    assert any(streamed), "no partial text was streamed"
+
+
+def test_system_message_box_replaces_the_templates(gen, rambling_path):
+    """A system message typed in the box formats the prompt as a generator built with that system_message."""
+    other = SimpleGenerator(rambling_path, device="cpu", system_prompt="vicuna_v1.1", system_message="Be brief.",
+                            track_emissions=False)
+    history = [{"role": "user", "content": "Hello"}]
+    updates = list(stream_reply(gen, chat_request(gen, history, "Be brief."),
+                                generation_settings(0, 1.0, 8), threading.Event()))
+    assert updates[-1].text == expected_answers(other, ["Hello"], 8)[0]
+    assert chat_request(gen, history, gen.formatter.template.system_message) == history  # the default: unchanged
+
+
+# ------------------------------------------------------------------------------------------ in a browser
+@pytest.mark.slow
+def test_chat_two_turns_show_conversation_from_user_prompts_answers(open_page, gen, tmp_path):
+    page = open_page()
+    assert "vicuna_v1.1" in page.inner_text("#about")
+    chat_settings(page)
+    send(page, "Hello")
+    status = wait_for_answer(page, 1)
+    first = messages(page, "bot")
+    send(page, "What is 2 + 2?")
+    wait_for_answer(page, 2)
+    page.screenshot(path=str(tmp_path / "app-chat.png"), full_page=True)
+    assert messages(page, "user") == ["Hello", "What is 2 + 2?"]
+    assert first == expected_answers(gen, ["Hello"])
+    assert messages(page, "bot") == expected_answers(gen, ["Hello", "What is 2 + 2?"])
+    assert status.startswith(f"{CHAT_TOKENS} tokens")
+    # Clear empties the conversation: the next message starts a new one.
+    page.click("#chat-clear")
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length == 0")
+    send(page, "What is 2 + 2?")
+    wait_for_answer(page, 1)
+    assert messages(page, "bot") == expected_answers(gen, ["What is 2 + 2?"])
+    page.set_viewport_size({"width": 420, "height": 900})
+    page.screenshot(path=str(tmp_path / "app-chat-narrow.png"), full_page=True)
+
+
+@pytest.mark.slow
+def test_stop_ends_a_long_generation(open_page):
+    budget = 4000
+    page = open_page()
+    chat_settings(page, max_new_tokens=budget)
+    send(page, "Tell me a very long story.")
+    page.wait_for_function(
+        """() => { const m = /Generating… (\\d+) tokens/.exec(document.querySelector('#chat-status').innerText);
+                   return m && Number(m[1]) >= 3; }""")
+    page.click("#chat-stop")
+    status = wait_for_answer(page, 1)
+    tokens = int(re.match(r"(\d+) tokens", status).group(1))
+    assert "stopped" in status
+    assert 3 <= tokens < budget // 10, status
+    assert len(messages(page, "bot")) == 1
+    # The app goes on: the next turn answers normally.
+    set_number(page, "chat-max-new-tokens", 4)
+    send(page, "Thanks")
+    assert wait_for_answer(page, 2).startswith("4 tokens")
+
+
+@pytest.mark.slow
+def test_two_browsers_chatting_at_once_get_their_own_answers(open_page, gen):
+    first, second = open_page(), open_page()
+    for page in (first, second):
+        chat_settings(page)
+    conversations = {0: ["Hello", "And then?"], 1: ["Write a poem", "Why?"]}
+    for turn in range(2):
+        send(first, conversations[0][turn])
+        send(second, conversations[1][turn])
+        wait_for_answer(first, turn + 1)
+        wait_for_answer(second, turn + 1)
+    for index, page in enumerate((first, second)):
+        assert messages(page, "user") == conversations[index]
+        assert messages(page, "bot") == expected_answers(gen, conversations[index])
+
+
+@pytest.mark.slow
+def test_batch_tab_runs_a_file_like_the_cli(open_page, gen, rambling_path, tmp_path):
+    from simple_generation import cli
+
+    prompts = [f"Question {i}: what is {i} plus {i}?" if i % 3 else f"Tell me about number {i}." for i in range(30)]
+    source = tmp_path / "questions.jsonl"
+    source.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+
+    page = open_page()
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-file input[type=file]").set_input_files(str(source))
+    set_number(page, "batch-max-new-tokens", 6)
+    page.click("#batch-run")
+    page.wait_for_function("document.querySelector('#batch-status').innerText.includes('Done')")
+    assert "30/30 prompts" in page.inner_text("#batch-status")
+    page.wait_for_selector("#batch-download a")
+    with page.expect_download() as download:
+        page.click("#batch-download a")
+    downloaded = tmp_path / "downloaded.jsonl"
+    download.value.save_as(downloaded)
+    page.screenshot(path=str(tmp_path / "app-batch.png"), full_page=True)
+    records = [json.loads(line) for line in downloaded.read_text().splitlines()]
+    assert "q0" in page.inner_text("#batch-table")
+
+    cli_output = tmp_path / "cli.jsonl"
+    assert cli.main([rambling_path, "--input", str(source), "--output", str(cli_output), "--max-new-tokens", "6",
+                     "--temperature", "0", "--skip-prompt", "--system-prompt", "vicuna_v1.1", "--no-emissions",
+                     "--quiet"]) == 0
+    cli_records = [json.loads(line) for line in cli_output.read_text().splitlines()]
+    assert len(records) == len(cli_records) == 30
+    if "finish_reason" in cli_records[0]:   # the batch-jobs command line: the very same records
+        assert records == cli_records
+    else:                                   # the older command line writes {index, prompt, answer}
+        assert [{k: r[k] for k in ("index", "prompt", "answer")} for r in records] == cli_records
+    assert [r["id"] for r in records] == [f"q{i}" for i in range(30)]
+    assert [r["answer"] for r in records] == gen(prompts, max_new_tokens=6, temperature=0, skip_prompt=True,
+                                                 show_progress_bar=False)
+
+    # The same file again, after a reload: answers come from the store instead of being generated again.
+    if hasattr(gen, "stream"):
+        page.reload()
+        page.get_by_role("tab", name="Batch").click()
+        page.locator("#batch-file input[type=file]").set_input_files(str(source))
+        set_number(page, "batch-max-new-tokens", 6)
+        page.click("#batch-run")
+        page.wait_for_function("document.querySelector('#batch-status').innerText.includes('Done')")
+        assert "30 from the store" in page.inner_text("#batch-status")
+    page.set_viewport_size({"width": 420, "height": 900})
+    page.screenshot(path=str(tmp_path / "app-batch-narrow.png"), full_page=True)
