@@ -497,7 +497,7 @@ class _Input:
                 digest = record_digest(record)
                 report.duplicates += digest in seen
                 seen.add(digest)
-                report.with_params.update(record.params)
+                report.with_params.update(record.params.keys())
                 if visit is not None:
                     visit(record)
         except Exception as err:  # noqa: BLE001 - a whole-file error (InputError, unreadable file...)

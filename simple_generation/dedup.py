@@ -48,7 +48,8 @@ def near_duplicates(texts: Iterable[str], threshold: float = 0.9, *, num_perm: i
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}.")
     datasketch = _require_datasketch()
-    lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=num_perm)
+    # LSH finds candidates (its banding cannot target thresholds near 1); each is then checked exactly.
+    lsh = datasketch.MinHashLSH(threshold=min(threshold, 0.9), num_perm=num_perm)
     kept: dict[int, datasketch.LeanMinHash] = {}
     removed: dict[int, int] = {}
     for index, text in enumerate(texts):

@@ -153,8 +153,11 @@ def _csv_rows(stream: BinaryIO, name: str) -> Iterator[tuple[str, Any]]:
 
     reader = csv.DictReader(decoded())
     try:
+        reader.fieldnames  # noqa: B018 - reads the header, so that line_num counts from there
+        last = reader.line_num
         for row in reader:
-            where = f"{name}:{reader.line_num}"
+            where = f"{name}:{last + 1}"  # the line where the record starts
+            last = reader.line_num
             if None in row:
                 yield where, InputError(f"{where}: more values than the header has columns.")
             else:
@@ -458,7 +461,7 @@ def scan(path: str | Path, *, input_format: str | None = None, prompt_field: str
                 if record.custom_id in custom_ids:
                     report.duplicate_custom_ids += 1
                 custom_ids.add(record.custom_id)
-            report.with_params.update(record.params)
+            report.with_params.update(record.params.keys())
             chars = len(prompt_text(record.prompt))
             low, total, high = report.prompt_chars
             report.prompt_chars = [chars if report.records == 1 else min(low, chars), total + chars, max(high, chars)]
