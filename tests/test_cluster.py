@@ -1,0 +1,308 @@
+"""generate_dataset on a real two-node Ray cluster on this machine (CPU), with a tiny local llama.
+
+The cluster is two ``ray start --block`` processes (a head and a worker node), each in its own
+process group, so teardown ends exactly the processes started here (never ``ray stop``, which would
+stop every Ray instance of the machine). Faults are real: SIGKILL of an actor's process, SIGKILL of
+the driver process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+pytest.importorskip("ray.data")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+psutil = pytest.importorskip("psutil")
+
+from simple_generation import SimpleGenerator  # noqa: E402
+from simple_generation.cluster import MANIFEST, generate_dataset  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+N = 200
+GREEDY = dict(temperature=0, max_new_tokens=4, skip_prompt=True)
+QUIET = dict(model_kwargs={"track_emissions": False}, show_progress=False)
+WORDS = "the quick brown fox jumps over a lazy dog while researchers evaluate models on many prompts".split()
+
+
+def make_prompts(n: int = N) -> list[str]:
+    return [f"Record {i}: " + " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(1 + i % 23)) for i in range(n)]
+
+
+def write_jsonl(path: Path, prompts: list[str]) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for i, prompt in enumerate(prompts):
+            handle.write(json.dumps({"id": f"r{i}", "prompt": prompt}) + "\n")
+    return path
+
+
+def read_part_records(folder: Path) -> list[dict]:
+    rows = []
+    for part in sorted(folder.glob("part-*.jsonl")):
+        rows += [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start", *args, "--block"]
+    return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """End a ``ray start --block`` process and everything in its process group (its node's processes)."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            if not any(p.info["pid"] != process.pid and _pgid(p.info["pid"]) == process.pid
+                       for p in psutil.process_iter(["pid"])) and process.poll() is not None:
+                return
+            time.sleep(0.2)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+@contextlib.contextmanager
+def private_auth_token():
+    """Ray >= 2.5x enables token authentication and keeps one token in ~/.ray/auth_token, shared by every
+    Ray instance of this user: clusters started at the same time by other test runs would overwrite it.
+    This cluster and its drivers (this process, subprocesses) use their own token, given in the environment."""
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    _reset_token_cache()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reset_token_cache()
+
+
+def _reset_token_cache() -> None:
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")  # this process read RAY_AUTH_MODE when ray was imported: read it again
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):  # older Ray: no token authentication
+        pass
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node (1 CPU) and a worker node (2 CPUs) on loopback, small object stores, no dashboard."""
+    with private_auth_token():
+        yield from _cluster()
+
+
+def _cluster():
+    temp_dir = tempfile.mkdtemp(prefix="sgray", dir="/tmp")  # short: Ray's socket paths must fit
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats"]
+    head = _start(["--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                   "--include-dashboard=false", "--temp-dir", temp_dir, *common], Path(temp_dir) / "head.log")
+    nodes = [head]
+    try:
+        deadline = time.time() + 120
+        while not (Path(temp_dir) / "ray_current_cluster").exists():
+            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()
+            assert time.time() < deadline, "the head node did not start"
+            time.sleep(0.5)
+        nodes.append(_start(["--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2", *common],
+                            Path(temp_dir) / "worker.log"))
+        ray.init(address=address, log_to_driver=False)
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert time.time() < deadline, "the worker node did not join"
+            time.sleep(0.5)
+        yield {"address": address, "groups": [p.pid for p in nodes]}
+    finally:
+        ray.shutdown()
+        for process in reversed(nodes):
+            _stop(process)
+
+
+@pytest.fixture(scope="module")
+def reference(llama_path):
+    """Single-process greedy answers, the ground truth every distributed run must reproduce."""
+    prompts = make_prompts()
+    answers = SimpleGenerator(llama_path, device="cpu", track_emissions=False)(prompts, show_progress_bar=False,
+                                                                               **GREEDY)
+    return prompts, answers
+
+
+def replica_pids(cluster) -> list[int]:
+    """Processes of our cluster that host a generation replica (a Ray Data actor)."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        ours = _pgid(proc.info["pid"]) in cluster["groups"]
+        if ours and "_GenerationReplica" in " ".join(proc.info["cmdline"] or []):
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def assert_exactly_once(records: list[dict], prompts: list[str], answers: list[str]) -> None:
+    indices = [r["index"] for r in records]
+    assert sorted(indices) == list(range(len(prompts))), "every record exactly once"
+    for record in records:
+        i = record["index"]
+        assert record["error"] is None
+        assert (record["id"], record["prompt"], record["answer"]) == (f"r{i}", prompts[i], answers[i])
+
+
+def test_two_replicas_ordered_output_equals_single_process(cluster, reference, llama_path, tmp_path):
+    prompts, answers = reference
+    source = write_jsonl(tmp_path / "in.jsonl", prompts)
+    summary = generate_dataset(str(source), llama_path, str(tmp_path / "out.jsonl"), replicas=2, batch_size=16,
+                               ordered=True, **GREEDY, **QUIET)
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["index"] for r in records] == list(range(N))  # one file, in input order
+    assert [r["answer"] for r in records] == answers
+    assert_exactly_once(records, prompts, answers)
+    assert all(r["finish_reason"] in ("stop", "length") and r["completion_tokens"] <= 4 for r in records)
+    assert (summary.records, summary.generated, summary.already_done, summary.errors) == (N, N, 0, 0)
+    assert summary.generated_tokens == sum(r["completion_tokens"] for r in records)
+    assert sum(s["records"] for s in summary.per_replica.values()) == N
+    assert not (tmp_path / "out.jsonl.parts").exists()  # parts merged and removed
+
+    # Rerunning the finished job generates nothing and keeps the file.
+    again = generate_dataset(str(source), llama_path, str(tmp_path / "out.jsonl"), replicas=2, batch_size=16,
+                             ordered=True, **GREEDY, **QUIET)
+    assert (again.already_done, again.generated) == (N, 0)
+    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == records
+
+
+def test_sigkill_of_a_replica_mid_job_every_record_once(cluster, reference, llama_path, tmp_path):
+    prompts, answers = reference
+    source = write_jsonl(tmp_path / "in.jsonl", prompts)
+    out = tmp_path / "out"
+    outcome: dict = {}
+
+    def job():
+        try:
+            outcome["summary"] = generate_dataset(str(source), llama_path, str(out), replicas=2, batch_size=2,
+                                                  **GREEDY, **QUIET)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    victim = None
+    deadline = time.time() + 300
+    while thread.is_alive() and time.time() < deadline:
+        if list(out.glob("part-*")):  # work is flowing: kill one replica's process
+            pids = replica_pids(cluster)
+            if pids:
+                victim = pids[0]
+                os.kill(victim, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "the job did not finish"
+    assert "error" not in outcome, outcome.get("error")
+    assert victim is not None, "the job finished before a replica could be killed"
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    assert_exactly_once(read_part_records(out), prompts, answers)
+    assert outcome["summary"].generated == N
+    assert (out / MANIFEST).exists()
+
+
+DRIVER = textwrap.dedent("""
+    import sys, ray
+    from simple_generation.cluster import generate_dataset
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    generate_dataset(sys.argv[2], sys.argv[3], sys.argv[4], replicas=2, batch_size=2, temperature=0,
+                     max_new_tokens=4, skip_prompt=True, model_kwargs={"track_emissions": False}, show_progress=False)
+""")
+
+
+def test_killed_driver_rerun_resumes_without_regenerating(cluster, reference, llama_path, tmp_path):
+    prompts, answers = reference
+    source = write_jsonl(tmp_path / "in.jsonl", prompts)
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, cluster["address"], str(source), llama_path, str(out)],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while driver.poll() is None and not list(out.glob("part-*")) and time.time() < deadline:
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL, "the driver finished before it could be killed"
+
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*")}
+    done_before = len(read_part_records(out))
+    assert 0 < done_before < N
+
+    summary = generate_dataset(str(source), llama_path, str(out), replicas=2, batch_size=2, **GREEDY, **QUIET)
+    assert summary.already_done == done_before
+    assert summary.generated == N - done_before  # nothing written before was generated again
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*")}
+    assert all(after.get(name) == stamp for name, stamp in before.items()), "finished parts were rewritten"
+    assert not list(out.glob(".tmp-*"))
+    assert_exactly_once(read_part_records(out), prompts, answers)
+
+
+def test_bad_records_are_recorded_not_fatal_parquet(cluster, reference, llama_path, tmp_path):
+    prompts, answers = reference
+    rows = [{"id": f"r{i}", "prompt": prompts[i]} for i in range(10)]
+    rows.insert(3, {"id": "missing", "prompt": None})
+    rows.insert(7, {"id": "too-long", "prompt": "word " * 400})  # far beyond the tiny model's 256 tokens
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    track = pytest.importorskip("codecarbon", reason="emissions need codecarbon") is not None
+
+    summary = generate_dataset(str(tmp_path / "in.parquet"), llama_path, str(tmp_path / "out.parquet"),
+                               ordered=True, replicas=1, batch_size=4, show_progress=False, **GREEDY)
+    records = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["index"] for r in records] == list(range(12))
+    assert [r["id"] for r in records] == [row["id"] for row in rows]
+    by_id = {r["id"]: r for r in records}
+    assert "prompt" in by_id["missing"]["error"] and by_id["missing"]["answer"] is None
+    assert "context" in by_id["too-long"]["error"] and by_id["too-long"]["answer"] is None
+    good = [r for r in records if r["id"].startswith("r")]
+    assert [r["answer"] for r in good] == answers[:10] and all(r["error"] is None for r in good)
+    assert (summary.errors, summary.generated) == (2, 12)
+
+    if track:  # one emissions.csv row for the whole job, the replicas' measurements summed
+        import csv
+
+        with open(tmp_path / "emissions.csv", newline="") as handle:
+            job_rows = list(csv.DictReader(handle))
+        assert len(job_rows) == 1
+        assert float(job_rows[0]["energy_consumed"]) == pytest.approx(summary.energy_kwh)
+        assert summary.energy_kwh > 0 and summary.emissions_kg_co2eq > 0
