@@ -72,25 +72,20 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """End a ``ray start --block`` process and everything in its process group (its node's processes)."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            if not any(p.info["pid"] != process.pid and _pgid(p.info["pid"]) == process.pid
-                       for p in psutil.process_iter(["pid"])) and process.poll() is not None:
-                return
-            time.sleep(0.2)
-
-
-def _pgid(pid: int) -> int | None:
+    """End a ``ray start --block`` process and every process it started (its node's), by their ids."""
     try:
-        return os.getpgid(pid)
-    except (ProcessLookupError, PermissionError):
-        return None
+        root = psutil.Process(process.pid)
+        family = [root, *root.children(recursive=True)]  # Ray workers get process groups of their own
+    except psutil.NoSuchProcess:
+        return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(sig)
+        family = psutil.wait_procs(family, timeout=wait)[1]
+        if not family:
+            break
+    process.wait(timeout=5)
 
 
 @contextlib.contextmanager
@@ -150,7 +145,7 @@ def _cluster():
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
             assert time.time() < deadline, "the worker node did not join"
             time.sleep(0.5)
-        yield {"address": address, "groups": [p.pid for p in nodes]}
+        yield {"address": address, "roots": [p.pid for p in nodes]}
     finally:
         ray.shutdown()
         for process in reversed(nodes):
@@ -170,9 +165,10 @@ def replica_pids(cluster) -> list[int]:
     """Processes of our cluster that host a generation replica (a Ray Data actor)."""
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        ours = _pgid(proc.info["pid"]) in cluster["groups"]
-        if ours and "_GenerationReplica" in " ".join(proc.info["cmdline"] or []):
-            pids.append(proc.info["pid"])
+        if "_GenerationReplica" in " ".join(proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any(parent.pid in cluster["roots"] for parent in proc.parents()):
+                    pids.append(proc.info["pid"])
     return pids
 
 
