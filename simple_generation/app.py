@@ -35,7 +35,8 @@ logger = logging.getLogger("simple_generation")
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".csv")
 PREVIEW_ROWS = 200
-_CHUNK = 8  # prompts per progress step when the generator cannot stream results
+MAX_SESSIONS = 10_000
+UPDATE_INTERVAL_S = 0.1
 
 CSS = """
 .gradio-container { max-width: min(1100px, 100vw) !important; margin: 0 auto; }
@@ -269,22 +270,11 @@ def _read_input(path: Path) -> list[Any]:
 
 
 def _results(gen, records: list[Any], settings: BatchSettings, store: Path) -> Iterator[Any]:
-    """Results in completion order, each with ``index``; through ``gen.stream`` when the generator has it."""
-    prompts = [r.prompt for r in records]
+    """Results in completion order (``gen.stream``), with the records' own parameters, through the store."""
     params = [r.params or None for r in records]
-    if hasattr(gen, "stream"):
-        yield from gen.stream(prompts, params=params, store=str(store), on_error="record",
-                              skip_prompt=settings.skip_prompt, show_progress_bar=False, **settings.generation())
-        return
-    # An older generator: plain calls in chunks (no store, no per-record parameters).
-    for start in range(0, len(prompts), _CHUNK):
-        chunk = prompts[start:start + _CHUNK]
-        answers = gen(chunk, skip_prompt=settings.skip_prompt, show_progress_bar=False, **settings.generation())
-        share = gen.last_run.generated_tokens // max(len(chunk), 1)
-        for offset, answer in enumerate(answers):
-            texts = answer if isinstance(answer, list) else [answer]
-            yield {"index": start + offset, "text": texts[0], "texts": texts, "finish_reason": None,
-                   "prompt_tokens": None, "completion_tokens": share, "error": None, "cached": False}
+    yield from gen.stream([r.prompt for r in records], params=params if any(params) else None, store=str(store),
+                          on_error="record", skip_prompt=settings.skip_prompt, show_progress_bar=False,
+                          **settings.generation())
 
 
 def _get(result: Any, name: str, default: Any = None) -> Any:
@@ -398,7 +388,10 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     lock = threading.Lock()  # one generation at a time on the model (chat turns and batch jobs)
     emissions = _Emissions()
+    # Each page's Stop event, by gradio session. Not dropped on gradio's unload (a heartbeat that drops under load
+    # fires it while the page is still there): the least recently used are dropped past MAX_SESSIONS.
     stop_events: dict[str, threading.Event] = {}
+    sessions_lock = threading.Lock()
     system_default = default_system_message(gen)
     context = getattr(gen, "context_length", None) or 4096
     defaults = gen.defaults
@@ -408,7 +401,15 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
 
     def session_event(request: gr.Request | None) -> threading.Event:
         key = getattr(request, "session_hash", None) or "default"
-        return stop_events.setdefault(key, threading.Event())
+        with sessions_lock:
+            event = stop_events.pop(key, None) or threading.Event()
+            stop_events[key] = event  # most recently used last
+            while len(stop_events) > MAX_SESSIONS:
+                oldest = next(iter(stop_events))
+                if oldest == key:
+                    break
+                del stop_events[oldest]
+        return event
 
     def about() -> str:
         return about_line(gen, emissions)
@@ -438,7 +439,11 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
         event = session_event(request)
         request_ = chat_request(gen, messages, system if system_default is not None else None)
         settings = generation_settings(temperature, top_p, max_new_tokens)
+        shown_at = 0.0
         for update in stream_reply(gen, request_, settings, event, lock):
+            if not update.done and time.monotonic() - shown_at < UPDATE_INTERVAL_S:
+                continue  # the page re-renders the whole chat on each update: at most ~10 a second
+            shown_at = time.monotonic()
             if update.done:
                 if update.error is None or update.text:
                     messages = messages + [{"role": "assistant", "content": update.text}]
@@ -460,8 +465,13 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
         if upload is None:
             raise gr.Error("Upload a .txt, .jsonl or .csv file first.")
         path = Path(upload if isinstance(upload, str) else getattr(upload, "name", upload))
+        if not _is_upload(path):  # gradio refuses other paths already; never read a path sent by the page
+            raise gr.Error("Only files uploaded through the page are read.")
+        seed = str(seed or "").strip()
+        if seed and not seed.lstrip("-").isdigit():
+            raise gr.Error(f"The seed must be an integer, got {seed!r}.")
         settings = BatchSettings(int(max_new_tokens), float(temperature), float(top_p),
-                                 None if seed in (None, "") else int(seed), bool(skip_prompt), output_format)
+                                 int(seed) if seed else None, bool(skip_prompt), output_format)
         last = {}
 
         def on_progress(p: BatchProgress) -> None:
@@ -522,8 +532,8 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
                 b_top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top_p", elem_id="batch-top-p",
                                     min_width=220)
             with gr.Row(equal_height=True):
-                b_seed = gr.Number(value=None, precision=0, label="Seed", placeholder="none", elem_id="batch-seed",
-                                   min_width=160)
+                b_seed = gr.Textbox(value="", label="Seed", placeholder="none (an integer for reproducible sampling)",
+                                    elem_id="batch-seed", min_width=220)
                 b_skip = gr.Checkbox(value=True, label="Answer only (skip the prompt)", elem_id="batch-skip",
                                      min_width=220)
                 b_format = gr.Radio(["jsonl", "csv"], value="jsonl", label="Results format",
@@ -548,13 +558,18 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
         chatbot.clear(clear, None, [messages_state, chatbot, chat_status], queue=False)
         run_button.click(batch, [upload, b_max_new, b_temperature, b_top_p, b_seed, b_skip, b_format],
                          [batch_status, table, download, about_md], concurrency_id="model", concurrency_limit=1)
-
-        def forget(request: gr.Request):
-            stop_events.pop(getattr(request, "session_hash", None) or "default", None)
-
-        demo.unload(forget)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def _is_upload(path: Path) -> bool:
+    """Whether ``path`` is a file gradio received as an upload (inside its upload folder)."""
+    from gradio.utils import get_upload_folder
+
+    try:
+        return path.resolve().is_relative_to(Path(get_upload_folder()).resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def _display(messages: list[dict[str, str]], partial: str | None = None) -> list[dict[str, str]]:

@@ -277,22 +277,41 @@ def test_batch_tab_runs_a_file_like_the_cli(open_page, gen, rambling_path, tmp_p
                      "--quiet"]) == 0
     cli_records = [json.loads(line) for line in cli_output.read_text().splitlines()]
     assert len(records) == len(cli_records) == 30
-    if "finish_reason" in cli_records[0]:   # the batch-jobs command line: the very same records
-        assert records == cli_records
-    else:                                   # the older command line writes {index, prompt, answer}
-        assert [{k: r[k] for k in ("index", "prompt", "answer")} for r in records] == cli_records
+    assert records == cli_records
     assert [r["id"] for r in records] == [f"q{i}" for i in range(30)]
     assert [r["answer"] for r in records] == gen(prompts, max_new_tokens=6, temperature=0, skip_prompt=True,
                                                  show_progress_bar=False)
 
     # The same file again, after a reload: answers come from the store instead of being generated again.
-    if hasattr(gen, "stream"):
-        page.reload()
-        page.get_by_role("tab", name="Batch").click()
-        page.locator("#batch-file input[type=file]").set_input_files(str(source))
-        set_number(page, "batch-max-new-tokens", 6)
-        page.click("#batch-run")
-        page.wait_for_function("document.querySelector('#batch-status').innerText.includes('Done')")
-        assert "30 from the store" in page.inner_text("#batch-status")
+    page.reload()
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-file input[type=file]").set_input_files(str(source))
+    set_number(page, "batch-max-new-tokens", 6)
+    page.click("#batch-run")
+    page.wait_for_function("document.querySelector('#batch-status').innerText.includes('Done')")
+    assert "30/30 prompts · 30 from the store" in page.inner_text("#batch-status")
     page.set_viewport_size({"width": 420, "height": 900})
     page.screenshot(path=str(tmp_path / "app-batch-narrow.png"), full_page=True)
+
+
+@pytest.mark.slow
+def test_a_server_path_sent_instead_of_an_upload_is_never_read(server, tmp_path):
+    """A hand-made request naming a file on the server's disk (not an upload) is refused; nothing is generated."""
+    import httpx
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a prompt nobody uploaded\n")
+    config = httpx.get(server + "config").json()
+    batch = next(d for d in config["dependencies"] if d.get("api_name") == "batch")
+    file_data = {"path": str(secret), "orig_name": "secret.txt", "meta": {"_type": "gradio.FileData"}}
+    payload = {"data": [file_data, 4, 0, 1, "", True, "jsonl"], "fn_index": batch["id"],
+               "session_hash": "crafted-request", "event_data": None, "trigger_id": None}
+    assert httpx.post(server + "gradio_api/queue/join", json=payload).status_code == 200
+    with httpx.stream("GET", server + "gradio_api/queue/data", params={"session_hash": "crafted-request"},
+                      timeout=120) as events:
+        for line in events.iter_lines():
+            message = json.loads(line[5:]) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                break
+    assert message["success"] is False
+    assert "secret" not in json.dumps(message.get("output"))
