@@ -95,6 +95,9 @@ class SingleProcess:
         """Where to load the model: the user's ``device`` (None: loading picks)."""
         return device
 
+    def barrier(self) -> None:
+        """Nothing to wait for."""
+
     def run(self, order: Sequence[int], lengths: Sequence[int],
             run_shard: Callable[[list[int]], dict[int, Any]],
             local_stats: Callable[[], dict[str, Any]] | None = None) -> ShardedRun:
@@ -148,6 +151,14 @@ class DataParallel:
         if requested.index is None and requested.type == torch.device(self.device).type:
             return self.device
         return device
+
+    def barrier(self) -> None:
+        """Wait until every process got here (e.g. every process has read the store)."""
+        try:
+            torch.distributed.barrier()
+        except Exception as err:  # noqa: BLE001 - a peer died
+            raise RuntimeError(f"Rank {self.rank} lost contact with the other processes: another process probably "
+                               f"died (see its log above). {type(err).__name__}: {err}") from err
 
     def shards(self, order: Sequence[int], lengths: Sequence[int]) -> list[list[int]]:
         return balanced_shards(order, lengths, self.world_size)

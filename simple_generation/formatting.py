@@ -27,12 +27,17 @@ def validate_inputs(texts: Any) -> list[str | list[Message]]:
     """A prompt, a list of prompts, or a list of conversations; raise naming the first bad element."""
     if isinstance(texts, str):
         return [texts]
+    if isinstance(texts, (bytes, bytearray)):
+        raise TypeError("texts is bytes: decode it to a str first (e.g. texts.decode('utf-8')), or pass a list "
+                        "of strings.")
     if not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}.")
     for index, item in enumerate(texts):
         if isinstance(item, str):
             continue
-        if isinstance(item, Sequence) and not isinstance(item, (bytes, bytearray)):
+        if isinstance(item, (bytes, bytearray)):
+            raise TypeError(f"texts[{index}] is bytes, not a string: decode it first (e.g. .decode('utf-8')).")
+        if isinstance(item, Sequence):
             _validate_messages(item, f"texts[{index}]")
             continue
         raise TypeError(

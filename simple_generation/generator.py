@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import DefaultGenerationConfig, build_generation_config, split_generation_kwargs
+from .config import DefaultGenerationConfig
 from .conversation import Conversation
 from .distributed import current_distribution
 from .emissions import track_emissions as emissions_tracker
-from .engine import HFEngine
+from .engines import EngineContext
+from .engines.select import choose_engine
 from .formatting import PromptFormatter, validate_inputs
-from .loading import LoadOptions, context_length, load_for_generation
-from .results import RunSummary
-from .scheduling import BatchRunner, length_order, resolve_batch_size
+from .loading import LoadOptions, context_length, load_config, load_for_generation, load_tokenizer
+from .params import ParamsBuilder
+from .pipeline import (
+    echo_ready,
+    fan_out,
+    interrupted,
+    plan_call,
+    raise_failed,
+    run_local,
+    summarize,
+)
+from .postprocess import PostProcessor
+from .results import GenerationResult, RunSummary
+from .scheduling import BatchFailed, resolve_batch_size
+from .store import ResultStore
 from .templates import Template, get_template
 
 logger = logging.getLogger("simple_generation")
@@ -52,9 +67,12 @@ class SimpleGenerator:
         add_generation_prompt: end a chat-template prompt with the assistant's opening (default True).
         track_emissions: append a row per call to ``<emissions_dir>/emissions.csv`` (codecarbon).
         generation_defaults: replaces :class:`DefaultGenerationConfig` for every call.
-        **model_kwargs: for ``from_pretrained``; ``load_in_8bit``/``load_in_4bit`` become a
+        engine: "auto" (default), "static", "continuous", "vllm" or "openvino"; see the README's Engines.
+        **model_kwargs: for ``from_pretrained`` (or the engine's own options, e.g. vLLM's
+            ``tensor_parallel_size``); ``load_in_8bit``/``load_in_4bit`` become a
             ``BitsAndBytesConfig``.
     """
+
 
     def __init__(
         self,
@@ -72,36 +90,81 @@ class SimpleGenerator:
         track_emissions: bool = True,
         emissions_dir: str = ".",
         generation_defaults: DefaultGenerationConfig | None = None,
+        engine: str = "auto",
         **model_kwargs: Any,
     ):
+        from .engines import engine_class
+
         if "system_prompts" in model_kwargs:  # the original README's spelling
             if system_prompt is not None:
                 raise ValueError("Pass either `system_prompt` or `system_prompts`, not both.")
             system_prompt = model_kwargs.pop("system_prompts")
         if isinstance(system_prompt, str):
             system_prompt = get_template(system_prompt)  # an unknown name fails before the model loads
+        if not isinstance(engine, str):
+            raise TypeError(f"engine must be a name such as 'auto', got {engine!r}.")
         self.distribution = current_distribution()
-        loaded = load_for_generation(
-            model_name_or_path,
-            tokenizer_name_or_path=tokenizer_name_or_path,
-            device=self.distribution.load_device(device, "device_map" in model_kwargs),
-            options=LoadOptions(lora_weights, merge_lora, compile_model, use_bettertransformer),
-            **model_kwargs,
-        )
         self.model_name_or_path = str(model_name_or_path)
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.config = self.model.config
-        self.is_encoder_decoder = loaded.is_encoder_decoder
-        self.placement = loaded.placement
-        self.compile_model = loaded.compiled
-        self._first_call_logged = False
-        logger.info(
-            "Loaded %s: %s, dtype %s, on %s (%s); LoRA: %s; quantization: %s; compiled: %s; attention: %s.",
-            model_name_or_path, type(self.model).__name__, self.model.dtype, loaded.placement,
-            loaded.placement_reason, loaded.lora or "none", loaded.quantization or "none",
-            "yes (static KV cache)" if loaded.compiled else "no", loaded.attention or "default",
-        )
+        runtime_engine = engine not in ("auto", "static", "continuous")
+        engine_kwargs: dict[str, Any] = {}
+        if runtime_engine:
+            cls = engine_class(engine)
+            problem = cls.available()
+            if problem is not None:
+                raise ValueError(f"engine={engine!r} cannot run here: {problem}")
+            engine_kwargs = {k: model_kwargs.pop(k) for k in list(model_kwargs) if cls.accepts_kwarg(k)}
+        if runtime_engine:
+            config = load_config(model_name_or_path, **model_kwargs)
+            self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+            tokenizer_kwargs = {k: model_kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir")
+                                if k in model_kwargs}
+            self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
+                                            padding_side="right" if self.is_encoder_decoder else "left",
+                                            **tokenizer_kwargs)
+            self.model = None
+            self.config = config
+            self.placement = engine
+            self.compile_model = False
+            model_generation_config = _generation_config_of(model_name_or_path, config, model_kwargs)
+            self.engine = cls.create(EngineContext(
+                model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=config,
+                is_encoder_decoder=self.is_encoder_decoder, model=None, model_kwargs=dict(model_kwargs),
+                engine_kwargs=engine_kwargs, lora_weights=lora_weights, device=str(device) if device else None))
+            self._engine_order, self.engine_reason = [engine], "requested"
+            self._engines = {engine: self.engine}
+            dtype = model_kwargs.get("dtype", model_kwargs.get("torch_dtype"))
+            quantization = None
+            logger.info("Loaded %s with the %s engine.", model_name_or_path, engine)
+        else:
+            loaded = load_for_generation(
+                model_name_or_path,
+                tokenizer_name_or_path=tokenizer_name_or_path,
+                device=self.distribution.load_device(device, "device_map" in model_kwargs),
+                options=LoadOptions(lora_weights, merge_lora, compile_model, use_bettertransformer),
+                **model_kwargs,
+            )
+            self.model = loaded.model
+            self.tokenizer = loaded.tokenizer
+            self.config = self.model.config
+            self.is_encoder_decoder = loaded.is_encoder_decoder
+            self.placement = loaded.placement
+            self.compile_model = loaded.compiled
+            self._first_call_logged = False
+            model_generation_config = self.model.generation_config
+            dtype = self.model.dtype
+            quantization = loaded.quantization
+            self._engine_order, self.engine_reason = choose_engine(engine, self.is_encoder_decoder)
+            self._engines = {}
+            self.engine = self._engine(self._engine_order[-1])  # static: always there to fall back on
+            logger.info(
+                "Loaded %s: %s, dtype %s, on %s (%s); LoRA: %s; quantization: %s; compiled: %s; attention: %s; "
+                "engine: %s (%s).",
+                model_name_or_path, type(self.model).__name__, self.model.dtype, loaded.placement,
+                loaded.placement_reason, loaded.lora or "none", loaded.quantization or "none",
+                "yes (static KV cache)" if loaded.compiled else "no", loaded.attention or "default",
+                self._engine_order[0], self.engine_reason,
+            )
+        self.engine_name = self._engine_order[0]
         self.formatter = PromptFormatter(
             self.tokenizer, template=system_prompt, system_message=system_message,
             apply_chat_template=apply_chat_template, add_generation_prompt=add_generation_prompt,
@@ -109,46 +172,43 @@ class SimpleGenerator:
         self.track_emissions = track_emissions
         self.emissions_dir = emissions_dir
         self.defaults = generation_defaults or DefaultGenerationConfig()
-        self.engine = HFEngine(self.model, self.tokenizer, self.is_encoder_decoder)
-        self.context_length = context_length(self.model)
-        self._forward_params = set(inspect.signature(self.model.forward).parameters)
+        self._model_generation_config = model_generation_config
+        self.context_length = _context_length_of(self.model, self.config)
+        self._forward_params = set(inspect.signature(self.model.forward).parameters) if self.model is not None \
+            else set()
+        self.model_identity = _model_identity(self.model_name_or_path, tokenizer_name_or_path, self.config,
+                                              lora_weights, dtype, quantization,
+                                              "hf" if not runtime_engine else engine, model_kwargs)
         self.last_run = RunSummary()
 
-    # ------------------------------------------------------------------ inputs
-    def _tokenize(self, prompts: list[str], max_new_tokens: int, truncate: bool) -> list[list[int]]:
-        token_ids = self._start_empty_prompts(self.formatter.tokenize(prompts))
-        limit = self.context_length
-        if limit is None:
-            return token_ids
-        room = limit if self.is_encoder_decoder else limit - max_new_tokens
-        too_long = [i for i, ids in enumerate(token_ids) if len(ids) > limit]
-        if too_long and not truncate:
-            first = too_long[0]
-            raise ValueError(
-                f"{len(too_long)} prompt(s) are longer than the model's context of {limit} tokens "
-                f"(prompt {first} has {len(token_ids[first])} tokens). Shorten them, or pass "
-                "truncate_prompts=True to keep the end of each prompt."
-            )
-        if truncate:
-            if room < 1:
-                raise ValueError(
-                    f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context "
-                    f"of {limit} tokens; lower max_new_tokens."
-                )
-            bos = self.tokenizer.bos_token_id
-            for i, ids in enumerate(token_ids):
-                if len(ids) > room:
-                    keep_bos = bos is not None and ids[0] == bos
-                    token_ids[i] = ([bos] if keep_bos else []) + ids[len(ids) - room + int(keep_bos):]
-        elif not self.is_encoder_decoder:
-            overflow = [i for i, ids in enumerate(token_ids) if len(ids) + max_new_tokens > limit]
-            if overflow:
-                logger.warning(
-                    "%d prompt(s) plus max_new_tokens=%d exceed the model's context of %d tokens; "
-                    "their answers may be cut or degrade.", len(overflow), max_new_tokens, limit,
-                )
-        return token_ids
+    # ------------------------------------------------------------------ engines
+    def _engine(self, name: str):
+        """The HF engine ``name`` over the loaded model (built once)."""
+        if name not in self._engines:
+            from .engines import engine_class
 
+            cls = engine_class(name)
+            self._engines[name] = cls.create(EngineContext(
+                model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
+                is_encoder_decoder=self.is_encoder_decoder, model=self.model))
+        return self._engines[name]
+
+    def _engine_for(self, requests: Sequence, show_reason: bool = True):
+        """The first engine of the preference order that supports every request of the call."""
+        reasons = []
+        distinct = {id(r.params): r.params for r in requests}.values()
+        for name in self._engine_order:
+            engine = self._engine(name) if name not in self._engines else self._engines[name]
+            problems = [p for p in (engine.unsupported(params) for params in distinct) if p]
+            if not problems:
+                why = self.engine_reason if not reasons else f"{reasons[-1]}; fell back to {name}"
+                if reasons and show_reason:
+                    logger.info("Engine: %s", why)
+                return engine, why
+            reasons.append(f"{name} does not support this call ({problems[0]})")
+        raise ValueError("No engine supports this call: " + "; ".join(reasons))
+
+    # ------------------------------------------------------------------ inputs
     def _formatter_for_call(self, generation_kwargs: dict[str, Any]) -> PromptFormatter:
         """The constructor's formatter, or one with this call's ``apply_chat_template``/``add_generation_prompt``.
 
@@ -171,7 +231,8 @@ class SimpleGenerator:
         empty = [i for i, ids in enumerate(token_ids) if not ids]
         if not empty:
             return token_ids
-        bos = _first_token_id(self.model.generation_config.bos_token_id)
+        bos = _first_token_id(self._model_generation_config.bos_token_id) \
+            if self._model_generation_config is not None else None
         if bos is None:
             bos = self.tokenizer.bos_token_id
         if bos is None or self.is_encoder_decoder:
@@ -183,47 +244,12 @@ class SimpleGenerator:
             )
         return [ids or [bos] for ids in token_ids]
 
-    def _add_template_stops(self, config_kwargs: dict[str, Any], call_kwargs: dict[str, Any]) -> None:
-        """A named template's stop strings and stop token ids end generation (unless the call sets its own)."""
-        stop_strings = self.formatter.stop_strings
-        if stop_strings and "stop_strings" not in config_kwargs:
-            config_kwargs["stop_strings"] = stop_strings
-            call_kwargs.setdefault("tokenizer", self.tokenizer)
-        stop_ids = self.formatter.stop_token_ids
-        if stop_ids and "eos_token_id" not in config_kwargs:
-            eos = self.model.generation_config.eos_token_id
-            eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-            config_kwargs["eos_token_id"] = eos + [i for i in stop_ids if i not in eos]
-
-    @staticmethod
-    def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
-        cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
-
-    # ------------------------------------------------------------------ outputs
-    def _eos_ids(self, generation_config) -> set[int]:
-        eos = generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return set()
-        return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
-
-    def _trim(self, tokens: list[int], eos_ids: set[int], start_id: int | None) -> list[int]:
-        """Drop the decoder start token and everything after the first EOS (padding)."""
-        if self.is_encoder_decoder and tokens and start_id is not None and tokens[0] == start_id:
-            tokens = tokens[1:]
-        for position, token in enumerate(tokens):
-            if token in eos_ids:
-                return tokens[: position + 1]
-        return tokens
-
-    # ------------------------------------------------------------------ call
+    # ------------------------------------------------------------------ calls
     def __call__(
         self,
         texts: str | Sequence[str],
         batch_size: int | str = "auto",
-        starting_batch_size: int = 256,
+        starting_batch_size: int | None = None,
         skip_prompt: bool = False,
         show_progress_bar: bool = True,
         log_batch_sample: int = -1,
@@ -234,14 +260,16 @@ class SimpleGenerator:
         """Generate one answer per prompt, in input order.
 
         Args:
-            texts: a prompt or a list of prompts.
-            batch_size: an integer, or ``"auto"`` to start at ``starting_batch_size`` and halve on
-                out-of-memory (finished batches are kept).
+            texts: a prompt or a list of prompts (or of conversations: lists of role/content messages).
+            batch_size: an integer, or ``"auto"``: start at ``starting_batch_size`` (default 16 on a
+                CPU, 256 on an accelerator) and halve on out-of-memory (finished answers are kept).
             skip_prompt: return only the continuation (causal models; seq2seq never echo the prompt).
             log_batch_sample: log one decoded answer every ``n`` batches (``-1``: never).
             sort_prompts_by_length: batch prompts of similar length together (results stay in order).
             truncate_prompts: keep the end of prompts longer than the context instead of raising.
-            **generation_kwargs: any ``GenerationConfig`` field or ``model.generate`` argument.
+            **generation_kwargs: any ``GenerationConfig`` field or ``model.generate`` argument, plus
+                ``seed`` (reproducible sampling), ``stop`` (stop strings), ``params``, ``store``,
+                ``on_error``, ``dedup``, ``near_duplicates`` (see :meth:`generate`).
 
         Returns:
             ``list[str]``; with ``num_return_sequences=k > 1``, a list of ``k`` answers per prompt.
@@ -249,115 +277,193 @@ class SimpleGenerator:
         Example:
             >>> gen(["Tell me what's 2 + 2."], max_new_tokens=32, skip_prompt=True)   # doctest: +SKIP
         """
+        results = self.generate(
+            texts, batch_size=batch_size, starting_batch_size=starting_batch_size, skip_prompt=skip_prompt,
+            show_progress_bar=show_progress_bar, log_batch_sample=log_batch_sample,
+            sort_prompts_by_length=sort_prompts_by_length, truncate_prompts=truncate_prompts, **generation_kwargs)
+        return [r.answer for r in results]
+
+    def generate(self, texts: str | Sequence[str], **kwargs: Any) -> list[GenerationResult]:
+        """Like ``gen(...)``, but one :class:`GenerationResult` per prompt (text(s), token ids, finish
+        reason, token counts, error), in input order. Takes the arguments of :meth:`stream`.
+
+        Example:
+            >>> results = gen.generate(["Hi", "2 + 2?"], max_new_tokens=16, store="run.sqlite")  # doctest: +SKIP
+            >>> [(r.text, r.finish_reason) for r in results]                                # doctest: +SKIP
+        """
+        inputs = validate_inputs(texts)
+        results: list[GenerationResult | None] = [None] * len(inputs)
+        for result in self.stream(inputs, **kwargs):
+            results[result.index] = result
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise RuntimeError(f"internal error: no result for prompts {missing[:10]}")
+        return results  # type: ignore[return-value]
+
+    def stream(
+        self,
+        texts: str | Sequence[str],
+        *,
+        params: Sequence[dict[str, Any] | None] | None = None,
+        store: str | os.PathLike | ResultStore | None = None,
+        on_error: str = "raise",
+        dedup: bool = True,
+        near_duplicates: float | None = None,
+        batch_size: int | str = "auto",
+        starting_batch_size: int | None = None,
+        skip_prompt: bool = False,
+        show_progress_bar: bool = True,
+        log_batch_sample: int = -1,
+        sort_prompts_by_length: bool = True,
+        truncate_prompts: bool = False,
+        **generation_kwargs: Any,
+    ) -> Iterator[GenerationResult]:
+        """Generate, yielding one :class:`GenerationResult` per prompt as each finishes (completion order).
+
+        Everything is checked before any generation starts (bad prompts, parameters, lengths).
+
+        Args:
+            params: one dict (or None) per prompt with that prompt's own ``max_new_tokens``
+                (``max_tokens``), ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``, ``seed``,
+                ``n``, ``do_sample``, ``repetition_penalty``; they override the call's keywords.
+            store: a SQLite file (path or :class:`ResultStore`): each answer is committed as it
+                finishes; answers already there for the same model, prompt and parameters are
+                returned (``cached=True``) instead of generated again.
+            on_error: ``"raise"`` (a failing prompt raises :class:`BatchGenerationError`, with the
+                finished answers on ``.partial``) or ``"record"`` (it gets a result with ``error``;
+                failing batches are bisected so only the prompts that fail alone fail).
+            dedup: identical (formatted prompt, parameters) are generated once and fanned out
+                (deterministic decoding; sampled copies get independent samples).
+            near_duplicates: a MinHash Jaccard threshold (e.g. 0.9): prompts at least that similar to
+                an earlier one are not generated; their result says ``duplicate_of``.
+            seed (keyword): sampled answers depend only on (prompt, parameters, seed).
+            The other arguments are those of ``__call__``.
+        """
         formatter = self._formatter_for_call(generation_kwargs)
-        prompts = formatter.format(validate_inputs(texts))
-        if not prompts:
-            self.last_run = RunSummary()
-            return []
-        config_kwargs, call_kwargs = split_generation_kwargs(generation_kwargs, self._forward_params)
-        self._add_template_stops(config_kwargs, call_kwargs)
-        generation_config = build_generation_config(
-            self.model.generation_config, self.defaults, config_kwargs, self.tokenizer.pad_token_id
-        )
-        size, auto = resolve_batch_size(batch_size, starting_batch_size, len(prompts))
-        token_ids = self._tokenize(prompts, generation_config.max_new_tokens, truncate_prompts)
-        return self._generate(
-            token_ids, generation_config, call_kwargs, size, auto, skip_prompt, show_progress_bar,
-            log_batch_sample, sort_prompts_by_length,
-        )
+        inputs = validate_inputs(texts)
+        own_store = isinstance(store, (str, os.PathLike))
+        store_obj = ResultStore(store) if own_store else store
+        builder = ParamsBuilder(self._model_generation_config, self.defaults, self.tokenizer.pad_token_id,
+                                self.tokenizer, formatter.stop_strings, formatter.stop_token_ids,
+                                self._forward_params)
+        try:
+            plan = plan_call(
+                inputs, formatter=formatter, builder=builder, generation_kwargs=generation_kwargs, params=params,
+                start_empty=self._start_empty_prompts, context_length=self.context_length,
+                is_encoder_decoder=self.is_encoder_decoder, truncate=truncate_prompts, on_error=on_error,
+                dedup=dedup, near_duplicates=near_duplicates, store=store_obj, model_identity=self.model_identity,
+                skip_prompt=skip_prompt,
+                postprocessor=PostProcessor(self.tokenizer, self.is_encoder_decoder, formatter.stop_token_ids),
+            )
+            requests = plan.to_generate()
+            engine, why = self._engine_for(requests) if requests else (self.engine, self.engine_reason)
+            on_cpu = self.model is None or str(getattr(self.model, "device", "cpu")).startswith("cpu")
+            size, auto = resolve_batch_size(batch_size, starting_batch_size, max(1, len(requests)), on_cpu)
+            if hasattr(engine, "configure"):
+                engine.configure(size, auto, sort_prompts_by_length)
+        except BaseException:
+            if own_store and store_obj is not None:
+                store_obj.close()
+            raise
+        return self._run_plan(plan, engine, why, show_progress_bar, log_batch_sample, own_store)
 
-    def _generate(self, token_ids, generation_config, call_kwargs, size, auto, skip_prompt,
-                  show_progress_bar, log_batch_sample, sort) -> list:
-        eos_ids = self._eos_ids(generation_config)
-        start_id = _first_token_id(generation_config.decoder_start_token_id)
-        n_return = generation_config.num_return_sequences or 1
-        stop_strings = generation_config.stop_strings or []
-        stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-        # The model's own EOS ids decode as HF's generate does; a template's stop ids are never shown.
-        hidden_stop_ids = set(self.formatter.stop_token_ids) & eos_ids
+    def _run_plan(self, plan, engine, why, show_progress_bar, log_batch_sample, own_store
+                  ) -> Iterator[GenerationResult]:
+        distribution = self.distribution
         started = time.perf_counter()
-        stats = {"tokens": 0, "batches": 0}
+        done: dict[int, GenerationResult] = {}
+        generated = {"tokens": 0}
+        progress = tqdm(total=plan.n_inputs, desc="Generating", unit="prompt",
+                        disable=not show_progress_bar or not distribution.is_main or plan.n_inputs == 0)
+        last_logged = {"batches": 0}
 
-        def run_batch(indices: list[int]) -> list[str | list[str]]:
-            batch_started = time.perf_counter()
-            outputs = self.engine.generate_batch([token_ids[i] for i in indices], generation_config, call_kwargs)
-            if self.compile_model and not self._first_call_logged:
-                self._first_call_logged = True
-                logger.info("compile_model: the first batch took %.1f s, torch.compile included (each new batch "
-                            "shape compiles again, then runs from the cache).", time.perf_counter() - batch_started)
-            answers = []
-            for index, sequences in zip(indices, outputs):
-                texts = []
-                for sequence in sequences:
-                    new = self._trim(sequence, eos_ids, start_id)
-                    stats["tokens"] += len(new)
-                    if new and new[-1] in hidden_stop_ids:  # a template's stop id may not be a special token
-                        new = new[:-1]
-                    text = self.tokenizer.decode(new, skip_special_tokens=True)
-                    text, stopped = self._cut_at_stop(text, stop_strings)
-                    if not skip_prompt and not self.is_encoder_decoder:
-                        whole = self.tokenizer.decode(token_ids[index] + new, skip_special_tokens=True)
-                        if stopped:
-                            prompt_text = self.tokenizer.decode(token_ids[index], skip_special_tokens=True)
-                            whole = prompt_text + text
-                        text = whole
-                    texts.append(text)
-                answers.append(texts[0] if n_return == 1 else texts)
+        def emit(result: GenerationResult) -> GenerationResult:
+            done[result.index] = result
+            progress.update(1)
+            elapsed = time.perf_counter() - started
+            progress.set_postfix(tok_s=f"{generated['tokens'] / max(elapsed, 1e-9):.1f}", refresh=False)
+            return result
+
+        try:
+            with emissions_tracker(self.track_emissions and distribution.is_main and plan.n_inputs > 0,
+                                   self.emissions_dir, self.model_name_or_path) as emissions:
+                try:
+                    for result in plan.ready:
+                        yield emit(echo_ready(plan, result))
+                    if distribution.world_size == 1:
+                        for slot, answer in run_local(plan, engine):
+                            generated["tokens"] += answer.completion_tokens
+                            if self.compile_model and not self._first_call_logged:
+                                self._first_call_logged = True
+                                logger.info("compile_model: the first batch took %.1f s, torch.compile included "
+                                            "(each new batch shape compiles again, then runs from the cache).",
+                                            time.perf_counter() - started)
+                            batches = engine.stats.batches
+                            if log_batch_sample > 0 and batches // log_batch_sample > last_logged["batches"]:
+                                last_logged["batches"] = batches // log_batch_sample
+                                logger.info("Sample from batch %d: %r", batches, answer.texts[:1])
+                            for result in fan_out(plan, slot, answer):
+                                yield emit(result)
+                    else:
+                        for slot, answer in self._run_distributed(plan, engine, done):
+                            generated["tokens"] += answer.completion_tokens
+                            for result in fan_out(plan, slot, answer):
+                                yield emit(result)
+                except BatchFailed as err:
+                    raise_failed(plan, err, done)
+                except KeyboardInterrupt as err:
+                    if type(err) is KeyboardInterrupt:
+                        raise interrupted(done) from None
+                    raise
+                finally:
+                    progress.close()
+                    self.last_run = summarize(plan, done, started, engine.stats, engine.name, why)
+                    self.last_run.generated_tokens = generated["tokens"]
+            self.last_run.energy_kwh = emissions.energy_kwh
+            self.last_run.emissions_kg_co2eq = emissions.emissions_kg_co2eq
+        finally:
+            if own_store and plan.store is not None:
+                plan.store.close()
+
+    def _run_distributed(self, plan, engine, done):
+        """Data parallel: this process runs its share, then every process gets every answer."""
+        distribution = self.distribution
+        distribution.barrier()  # every process has read the store before any writes to it
+        requests = plan.to_generate()
+        slots = {slot.request.id: slot for slot in plan.slots}
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].token_ids))
+        work = [len(r.token_ids) + r.max_new_tokens * r.params.num_return_sequences for r in requests]
+        stats = {"tokens": 0}
+
+        def run_shard(shard: list[int]) -> dict[int, Any]:
+            answers = {}
+            try:
+                for slot, answer in run_local(plan, engine, [requests[i] for i in shard]):
+                    answers[slot.request.id] = answer
+                    stats["tokens"] += answer.completion_tokens
+            except BatchFailed as err:
+                finished = {i: r for i, r in done.items()}
+                for rid, answer in answers.items():
+                    for result in fan_out(plan, slots[rid], answer):
+                        finished[result.index] = result
+                try:
+                    raise_failed(plan, err, finished)
+                except Exception as failure:
+                    raise failure from None
             return answers
 
-        # With data parallelism the main process only sees its own share; the shares are balanced, so its
-        # fraction done stands for the whole run's, and the bar is completed once every process is done.
-        distribution = self.distribution
-        progress = tqdm(total=len(token_ids), desc="Generating", unit="prompt",
-                        disable=not show_progress_bar or not distribution.is_main)
-        share = {"size": len(token_ids), "done": 0}
-
-        def on_batch_done(indices: list[int], answers: list) -> None:
-            stats["batches"] += 1
-            share["done"] += len(indices)
-            scale = len(token_ids) / max(share["size"], 1)
-            elapsed = time.perf_counter() - started
-            progress.set_postfix(tok_s=f"{stats['tokens'] * scale / max(elapsed, 1e-9):.1f}", batch=len(indices),
-                                 refresh=False)
-            progress.update(min(len(token_ids), round(share["done"] * scale)) - progress.n)
-            if log_batch_sample > 0 and stats["batches"] % log_batch_sample == 0:
-                logger.info("Sample from batch %d: %r", stats["batches"], answers[0])
-
-        def run_shard(shard: list[int]) -> dict:
-            share["size"] = len(shard)
-            return runner.run(shard, on_batch_done)
-
         def local_stats() -> dict:
-            return {"prompts": share["size"], "tokens": stats["tokens"], "batches": stats["batches"],
-                    "batch_size": min(runner.batch_size, share["size"]) or runner.batch_size,
-                    "oom_retries": runner.oom_retries}
+            return {"tokens": stats["tokens"], "batches": engine.stats.batches,
+                    "batch_size": engine.stats.batch_size, "oom_retries": engine.stats.oom_retries}
 
-        runner = BatchRunner(run_batch, size, auto)
-        order = length_order([len(t) for t in token_ids], sort)
-        # Shards are balanced by the tokens each prompt's sequences will hold: prompt plus new tokens.
-        work = [len(t) + (generation_config.max_new_tokens or 0) * n_return for t in token_ids]
-        with emissions_tracker(self.track_emissions and distribution.is_main, self.emissions_dir,
-                               self.model_name_or_path) as emissions:
-            try:
-                sharded = distribution.run(order, work, run_shard, local_stats)
-                progress.update(len(token_ids) - progress.n)
-            finally:
-                progress.close()
-        results = sharded.results
+        sharded = distribution.run(order, work, run_shard, local_stats)
         per_rank = sharded.stats
-        busy = [s for s in per_rank if s.get("prompts")] or per_rank
-        self.last_run = RunSummary(
-            prompts=len(token_ids),
-            sequences=len(token_ids) * n_return,
-            generated_tokens=sum(s.get("tokens", 0) for s in per_rank),
-            wall_time_s=time.perf_counter() - started,
-            batch_size=min(s.get("batch_size", runner.batch_size) for s in busy),
-            batches=sum(s.get("batches", 0) for s in per_rank),
-            oom_retries=sum(s.get("oom_retries", 0) for s in per_rank),
-            energy_kwh=emissions.energy_kwh,
-            emissions_kg_co2eq=emissions.emissions_kg_co2eq,
-        )
-        return [results[i] for i in range(len(token_ids))]
+        engine.stats.batches = sum(s.get("batches", 0) for s in per_rank)
+        engine.stats.oom_retries = sum(s.get("oom_retries", 0) for s in per_rank)
+        sizes = [s.get("batch_size", 0) for s in per_rank if s.get("batch_size")]
+        engine.stats.batch_size = min(sizes) if sizes else engine.stats.batch_size
+        for rid in sorted(sharded.results):
+            yield slots[rid], sharded.results[rid]
 
     # ------------------------------------------------------------------ conversations
     def conversation_from_user_prompts(
@@ -413,8 +519,74 @@ class SimpleGenerator:
         return ((result,) if return_conversation in (None, True) else ()) + ((last,) if return_last_response else ())
 
 
+    # ------------------------------------------------------------------ web app
+    def chat_app(self):
+        """The gradio web app (chat and batch tabs) for this generator; ``.launch()`` it.
+
+        Example:
+            >>> gen.chat_app().launch()          # doctest: +SKIP
+        """
+        from .app import build_app
+
+        return build_app(self)
+
+
 def _first_token_id(value: int | list[int] | None) -> int | None:
     """A generation config's token id setting, which may be a list (the first one counts)."""
     if isinstance(value, list):
         return value[0] if value else None
     return value
+
+
+def _context_length_of(model, config) -> int | None:
+    if model is not None:
+        return context_length(model)
+
+    class _Holder:  # context_length reads model.config
+        pass
+
+    holder = _Holder()
+    holder.config = config
+    return context_length(holder)
+
+
+def _generation_config_of(model_name_or_path, config, model_kwargs):
+    from transformers import GenerationConfig
+
+    try:
+        keys = ("revision", "token", "cache_dir", "trust_remote_code")
+        return GenerationConfig.from_pretrained(str(model_name_or_path), **{k: model_kwargs[k] for k in keys
+                                                                            if k in model_kwargs})
+    except Exception:  # noqa: BLE001 - checkpoints without generation_config.json
+        return GenerationConfig.from_model_config(config)
+
+
+def _weights_signature(path: str) -> list:
+    """Sizes and modification times of a local checkpoint's files: a retrained folder is a new model."""
+    if not os.path.isdir(path):
+        return []
+    signature = []
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin", ".gguf", ".json", ".model", ".pt")):
+            stat = os.stat(os.path.join(path, name))
+            signature.append([name, stat.st_size, int(stat.st_mtime)])
+    return signature
+
+
+def _model_identity(model_name_or_path, tokenizer_name_or_path, config, lora_weights, dtype, quantization,
+                    family, model_kwargs) -> str:
+    """What identifies the model in store keys (JSON): a change of any of these never reuses an answer."""
+    local = os.path.isdir(model_name_or_path)
+    identity = {
+        "model": os.path.abspath(model_name_or_path) if local else model_name_or_path,
+        "revision": getattr(config, "_commit_hash", None) or model_kwargs.get("revision"),
+        "weights": _weights_signature(model_name_or_path) if local else None,
+        "gguf_file": model_kwargs.get("gguf_file"),
+        "tokenizer": tokenizer_name_or_path,
+        "lora": (os.path.abspath(lora_weights) if lora_weights and os.path.isdir(lora_weights) else lora_weights),
+        "lora_weights": _weights_signature(lora_weights) if lora_weights and os.path.isdir(lora_weights) else None,
+        "dtype": str(dtype),
+        "quantization": quantization,
+        "engine": family,
+    }
+    return json.dumps(identity, sort_keys=True)

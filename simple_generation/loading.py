@@ -145,10 +145,25 @@ def normalize_dtype_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(kwargs)
     if "torch_dtype" in kwargs:
         torch_dtype = kwargs.pop("torch_dtype")
-        if "dtype" in kwargs and kwargs["dtype"] != torch_dtype:
-            raise ValueError("Pass either `dtype` or `torch_dtype`, not both with different values.")
+        if "dtype" in kwargs and _as_dtype(kwargs["dtype"]) != _as_dtype(torch_dtype):
+            raise ValueError(f"Pass either `dtype` or `torch_dtype`, not both with different values (got "
+                             f"dtype={kwargs['dtype']!r}, torch_dtype={torch_dtype!r}).")
         kwargs["dtype"] = torch_dtype
+    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+        dtype = _as_dtype(kwargs["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"Unknown dtype {kwargs['dtype']!r}: use 'auto', 'float32', 'bfloat16', 'float16' or a "
+                             "torch.dtype.")
+        kwargs["dtype"] = dtype
     return kwargs
+
+
+def _as_dtype(value: Any) -> Any:
+    """'float32' / 'torch.float32' / torch.float32 -> torch.float32 ('auto' and unknowns unchanged)."""
+    if isinstance(value, str) and value != "auto":
+        found = getattr(torch, value.removeprefix("torch."), None)
+        return found if isinstance(found, torch.dtype) else value
+    return value
 
 
 @dataclass(frozen=True)
@@ -239,6 +254,11 @@ def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> Pr
     model_cls = model_class_for(config)
     try:
         model = model_cls.from_pretrained(str(name_or_path), **kwargs)
+    except TypeError as err:
+        match = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+        if match is None or match.group(1) not in kwargs:
+            raise
+        raise TypeError(_unknown_keyword_message(match.group(1))) from err
     except OSError as err:
         raise ModelLoadError(f"Could not load {model_cls.__name__} weights from {name_or_path!r}: {err}") from err
     except ImportError as err:
@@ -252,3 +272,23 @@ def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> Pr
         raise ImportError(f"Could not load {name_or_path!r}: {err} {hint}") from err
     model.eval()
     return model
+
+
+def _unknown_keyword_message(name: str) -> str:
+    """Name a keyword neither SimpleGenerator nor from_pretrained knows, with close spellings."""
+    import difflib
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    from .generator import SimpleGenerator
+
+    ours = [p for p in inspect.signature(SimpleGenerator.__init__).parameters if p not in ("self", "model_kwargs")]
+    theirs = [p for p in inspect.signature(PreTrainedModel.from_pretrained).parameters
+              if p not in ("cls", "args", "kwargs", "model_args")]
+    extra = ["dtype", "torch_dtype", "device_map", "trust_remote_code", "revision", "attn_implementation",
+             "quantization_config", "load_in_8bit", "load_in_4bit", "gguf_file", "max_memory", "low_cpu_mem_usage"]
+    close = difflib.get_close_matches(name, sorted(set(ours + theirs + extra)), n=3)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return (f"Unknown keyword argument {name!r}: neither SimpleGenerator nor the model's from_pretrained accepts it."
+            f"{hint}")

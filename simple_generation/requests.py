@@ -34,6 +34,7 @@ class GenerationParams:
     stop_strings: tuple[str, ...]
     seed: int | None
     fingerprint: str
+    batch_key: str = ""  # the fingerprint without max_new_tokens and seed: what may share one batch
 
     @property
     def num_return_sequences(self) -> int:

@@ -1,0 +1,223 @@
+"""The static engine: transformers' own ``generate`` over padded batches of similar length.
+
+Requests that may share a batch (same parameters but for the token budget and the seed) are sorted
+longest first and cut into batches; each batch runs until its rows are done, and its requests are
+yielded as soon as it finishes. Out-of-memory halves the batch (the failing batch only; finished
+ones are kept). Each row stops at its own ``max_new_tokens`` (a per-row stopping criterion), and
+sampled rows with a seed draw their own noise (:mod:`simple_generation.sampling`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from ..requests import EngineOutput, GenerationParams, Request
+from ..sampling import SeededSampler, greedy_config
+from ..scheduling import BatchFailed, is_out_of_memory, release_memory
+from .base import EngineContext, EngineStats
+
+logger = logging.getLogger("simple_generation")
+
+
+class RowBudgets(StoppingCriteria):
+    """Marks each row done once it has generated its own number of new tokens."""
+
+    def __init__(self, budgets: Sequence[int], start: int):
+        self.budgets = torch.tensor(list(budgets), dtype=torch.long)
+        self.start = start
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.start
+        return (generated >= self.budgets).to(input_ids.device)
+
+
+class StaticEngine:
+    """Padded batches through ``model.generate``; see the module docstring.
+
+    The façade sets ``batch_size``/``auto``/``sort`` before each call (:meth:`configure`).
+    """
+
+    name = "static"
+    needs_hf_model = True
+
+    def __init__(self, model, tokenizer, is_encoder_decoder: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = is_encoder_decoder
+        self.batch_size = 16
+        self.auto = True
+        self.sort = True
+        self.stats = EngineStats()
+        self.on_batch_start = None  # hook for the façade (first-batch compile timing)
+
+    @classmethod
+    def create(cls, context: EngineContext) -> StaticEngine:
+        return cls(context.model, context.tokenizer, context.is_encoder_decoder)
+
+    @classmethod
+    def accepts_kwarg(cls, name: str) -> bool:
+        return False
+
+    @classmethod
+    def available(cls) -> str | None:
+        return None
+
+    def configure(self, batch_size: int, auto: bool, sort: bool = True) -> None:
+        self.batch_size, self.auto, self.sort = batch_size, auto, sort
+        self.stats = EngineStats(batch_size=batch_size)
+
+    def unsupported(self, params: GenerationParams) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def input_device(self) -> torch.device:
+        """Where the inputs go: the input embeddings' device (the first layer's, with a device_map)."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if embeddings is None:
+            return self.model.device
+        # accelerate's offload hooks run the layer elsewhere than where its (meta) weights sit
+        hook = getattr(embeddings, "_hf_hook", None)
+        execution_device = getattr(hook, "execution_device", None)
+        if execution_device is not None:
+            return torch.device(execution_device)
+        device = embeddings.weight.device
+        return device if device.type != "meta" else torch.device("cpu")
+
+    def pad(self, token_ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids in token_ids)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+        # left padding for decoder-only models, right padding for encoders (see load_tokenizer)
+        right = self.is_encoder_decoder
+        for row, ids in enumerate(token_ids):
+            if ids:
+                span = slice(0, len(ids)) if right else slice(width - len(ids), width)
+                input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, span] = 1
+        device = self.input_device
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+    # ------------------------------------------------------------------ one batch
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[Request]) -> list[EngineOutput]:
+        params = requests[0].params
+        n = params.num_return_sequences
+        budgets = [r.max_new_tokens for r in requests]
+        config = params.config
+        call_kwargs = dict(params.call_kwargs)
+        seeded = params.sampled and params.num_beams == 1 and any(r.seed is not None for r in requests)
+        # seeded sampling decodes greedily over its own noise; greedy decoding returns one sequence per row,
+        # so the n sequences of a request become n rows here
+        rows_per_request = n if seeded and n > 1 else 1
+        inputs = self.pad([r.token_ids for r in requests for _ in range(rows_per_request)])
+        if seeded or max(budgets) != config.max_new_tokens:
+            import copy
+
+            config = greedy_config(config) if seeded else copy.deepcopy(config)
+            config.max_new_tokens = max(budgets)
+            if rows_per_request > 1:
+                config.num_return_sequences = 1
+        stopping = []
+        if len(set(budgets)) > 1:
+            start = 1 if self.is_encoder_decoder else inputs["input_ids"].shape[1]
+            stopping.append(RowBudgets([b for b in budgets for _ in range(n)], start))
+        if stopping:
+            call_kwargs["stopping_criteria"] = StoppingCriteriaList(
+                list(call_kwargs.get("stopping_criteria") or []) + stopping)
+        if seeded:
+            rows = []
+            for r in requests:
+                seed = r.seed if r.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+                rows.extend((seed, j) for j in range(n))
+            call_kwargs["logits_processor"] = LogitsProcessorList(
+                list(call_kwargs.get("logits_processor") or []) + [SeededSampler(params.config, rows)])
+        if self.on_batch_start is not None:
+            self.on_batch_start(len(requests))
+        output = self.model.generate(**inputs, generation_config=config, **call_kwargs)
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        new_tokens = sequences if self.is_encoder_decoder else sequences[:, inputs["input_ids"].shape[1]:]
+        if self.is_encoder_decoder:
+            start_ids = config.decoder_start_token_id
+            start_id = start_ids[0] if isinstance(start_ids, list) else start_ids
+            rows_list = new_tokens.tolist()
+            rows_list = [row[1:] if row and start_id is not None and row[0] == start_id else row for row in rows_list]
+        else:
+            rows_list = new_tokens.tolist()
+        per = len(rows_list) // len(requests)
+        return [EngineOutput(sequences=[row[: r.max_new_tokens] for row in rows_list[i * per:(i + 1) * per]])
+                for i, r in enumerate(requests)]
+
+    # ------------------------------------------------------------------ the stream
+    def _order(self, requests: Sequence[Request]) -> list[list[Request]]:
+        """Groups of requests that may share a batch, each sorted longest first (stable)."""
+        groups: dict[str, list[Request]] = {}
+        for request in requests:
+            # beam search ranks finished beams by length: rows of one batch must share the budget
+            key = request.params.batch_key + (f"|{request.max_new_tokens}" if request.params.num_beams > 1 else "")
+            groups.setdefault(key, []).append(request)
+        ordered = []
+        for group in groups.values():
+            if self.sort:
+                group = sorted(group, key=lambda r: -len(r.token_ids))
+            ordered.append(group)
+        # the group holding the longest prompt first, so "auto" settles its size early
+        ordered.sort(key=lambda g: -max(len(r.token_ids) for r in g) if self.sort else 0)
+        return ordered
+
+    def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
+            ) -> Iterator[tuple[Request, EngineOutput]]:
+        for group in self._order(requests):
+            yield from self._run_group(group, isolate_errors)
+
+    def _run_group(self, group: list[Request], isolate_errors: bool) -> Iterator[tuple[Request, EngineOutput]]:
+        position = 0
+        while position < len(group):
+            batch = group[position: position + self.batch_size]
+            try:
+                outputs = self.generate_batch(batch)
+            except Exception as err:
+                if is_out_of_memory(err) and self.batch_size > 1 and len(batch) > 1:
+                    new_size = max(1, len(batch) // 2)
+                    logger.warning("Out of memory at batch size %d: retrying this batch at %d.", len(batch), new_size)
+                    if not self.auto:
+                        logger.warning('batch_size=%d did not fit; use batch_size="auto" to search for the '
+                                       "largest size that does.", len(batch))
+                    self.batch_size = new_size
+                    self.stats.batch_size = new_size
+                    self.stats.oom_retries += 1
+                    del err
+                    release_memory()
+                    continue
+                if isolate_errors:
+                    yield from self._isolate(batch, err)
+                    position += len(batch)
+                    continue
+                raise BatchFailed([r.id for r in batch], err) from err
+            self.stats.batches += 1
+            yield from zip(batch, outputs)
+            position += len(batch)
+
+    def _isolate(self, batch: list[Request], err: BaseException) -> Iterator[tuple[Request, EngineOutput]]:
+        """Bisect a failing batch: requests that fail alone get an error, the others their answers."""
+        if len(batch) == 1:
+            yield batch[0], EngineOutput(error=f"{type(err).__name__}: {err}")
+            return
+        middle = len(batch) // 2
+        for half in (batch[:middle], batch[middle:]):
+            try:
+                outputs = self.generate_batch(half)
+            except Exception as half_err:  # noqa: BLE001 - narrowed down further
+                if is_out_of_memory(half_err) and len(half) == 1:
+                    yield half[0], EngineOutput(error=f"{type(half_err).__name__}: {half_err}")
+                    continue
+                yield from self._isolate(half, half_err)
+                continue
+            self.stats.batches += 1
+            yield from zip(half, outputs)

@@ -1,0 +1,336 @@
+"""The one path every answer takes, from a call's inputs to its results.
+
+inputs -> formatting -> tokenize + validate -> :class:`Request` (keyed) -> store lookup (resume) ->
+dedup (fan-in) -> engine stream -> post-processing -> store commit -> fan-out to input positions.
+
+:func:`plan_call` does everything up to the engine eagerly, so bad input fails before any expensive
+work; :meth:`CallPlan.results` then runs the engine and yields :class:`GenerationResult` objects in
+completion order (cached, failed and near-duplicate prompts first).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .formatting import PromptFormatter
+from .params import PER_PROMPT_KEYS, ParamsBuilder, normalize_overrides
+from .postprocess import PostProcessor
+from .requests import EngineOutput, GenerationParams, Request
+from .results import GenerationResult, RunSummary
+from .sampling import mix
+from .scheduling import BatchFailed, BatchGenerationError, GenerationInterrupted
+from .store import ResultStore, StoredAnswer, answer_key
+
+logger = logging.getLogger("simple_generation")
+
+
+@dataclass
+class Slot:
+    """A request and the input positions its answer goes to."""
+
+    request: Request
+    positions: list[int]
+    prompt: str
+
+
+@dataclass
+class CallPlan:
+    """A call, validated and cut into requests; run it with :meth:`results`."""
+
+    n_inputs: int
+    slots: list[Slot]
+    ready: list[GenerationResult]            # cached, failed before generation, near-duplicates
+    prompt_ids: dict[int, list[int]]         # position -> token ids (for the echo)
+    skip_prompt: bool
+    isolate_errors: bool
+    store: ResultStore | None
+    model_identity: str
+    postprocessor: PostProcessor
+    stats: RunSummary = field(default_factory=RunSummary)
+
+    def to_generate(self) -> list[Request]:
+        return [slot.request for slot in self.slots]
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{where} holds a character that is not valid Unicode text (a lone surrogate at "
+                         f"position {err.start}); fix or drop it.") from None
+
+
+def plan_call(
+    inputs: Sequence[str | list[dict[str, str]]],
+    *,
+    formatter: PromptFormatter,
+    builder: ParamsBuilder,
+    generation_kwargs: dict[str, Any],
+    params: Sequence[dict[str, Any] | None] | None,
+    start_empty: Callable[[list[list[int]]], list[list[int]]],
+    context_length: int | None,
+    is_encoder_decoder: bool,
+    truncate: bool,
+    on_error: str,
+    dedup: bool,
+    near_duplicates: float | None,
+    store: ResultStore | None,
+    model_identity: str,
+    skip_prompt: bool,
+    postprocessor: PostProcessor,
+) -> CallPlan:
+    """Validate and prepare a call (no generation happens here)."""
+    if on_error not in ("raise", "record"):
+        raise ValueError(f'on_error must be "raise" or "record", got {on_error!r}.')
+    record = on_error == "record"
+    n = len(inputs)
+    if params is not None:
+        if isinstance(params, dict) or not isinstance(params, Sequence) or len(params) != n:
+            raise ValueError(f"params must be a list with one dict (or None) per prompt: {n} prompts, got "
+                             f"{len(params) if isinstance(params, Sequence) else type(params).__name__}.")
+    for index, item in enumerate(inputs):
+        if isinstance(item, str):
+            _check_text(item, f"texts[{index}]")
+        else:
+            for message in item:
+                _check_text(message["content"], f"texts[{index}]")
+
+    base, call_kwargs = builder.split_call(generation_kwargs)
+    per_prompt: list[GenerationParams] = []
+    for index in range(n):
+        own = params[index] if params is not None else None
+        if own is None:
+            per_prompt.append(builder.build(base, call_kwargs))
+            continue
+        if not isinstance(own, dict):
+            raise ValueError(f"params[{index}] must be a dict or None, got {type(own).__name__}.")
+        where = f"params[{index}]"
+        overrides = {**base, **normalize_overrides(own, where, PER_PROMPT_KEYS)}
+        try:
+            per_prompt.append(builder.build(overrides, call_kwargs))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+
+    ready: list[GenerationResult] = []
+    failed: set[int] = set()
+
+    def fail(index: int, message: str, exc: type[Exception] = ValueError) -> None:
+        if not record:
+            raise exc(message)
+        failed.add(index)
+        ready.append(GenerationResult(index=index, error=message))
+
+    # formatting, one prompt at a time so a refusal names its prompt
+    texts: list[str] = [""] * n
+    for index, item in enumerate(inputs):
+        try:
+            texts[index] = formatter.format_one(item)
+        except Exception as err:  # noqa: BLE001 - a template's refusal, reported per prompt
+            if type(err).__name__ != "TemplateError" and formatter.template is None and not isinstance(err, ValueError):
+                raise
+            fail(index, f"The chat template rejected texts[{index}]: {err}. Some templates accept no system "
+                        "message or need user/assistant turns to alternate; adjust the conversation.")
+
+    removed: dict[int, int] = {}
+    if near_duplicates is not None:
+        from .dedup import near_duplicates as find_near_duplicates
+
+        candidates = [i for i in range(n) if i not in failed]
+        found = find_near_duplicates([texts[i] for i in candidates], threshold=near_duplicates)
+        removed = {candidates[dup]: candidates[kept] for dup, kept in found.items()}
+        for index, kept in removed.items():
+            ready.append(GenerationResult(index=index, prompt=texts[index], duplicate_of=kept))
+
+    live = [i for i in range(n) if i not in failed and i not in removed]
+    token_ids: dict[int, list[int]] = {}
+    if live:
+        encoded = start_empty(formatter.tokenize([texts[i] for i in live]))
+        token_ids = dict(zip(live, encoded))
+
+    # context room: too long fails (or is truncated); the new tokens are capped to what is left
+    budgets: dict[int, int] = {}
+    truncated: set[int] = set()
+    capped = 0
+    too_long: list[int] = []
+    for index in live:
+        ids = token_ids[index]
+        budget = int(per_prompt[index].config.max_new_tokens)
+        if context_length is not None:
+            room = context_length if is_encoder_decoder else context_length - len(ids)
+            if len(ids) > context_length or (not is_encoder_decoder and room < 1):
+                if truncate:
+                    keep = context_length - (0 if is_encoder_decoder else min(budget, context_length - 1))
+                    bos = formatter.tokenizer.bos_token_id
+                    keep_bos = bos is not None and ids and ids[0] == bos
+                    ids = ([bos] if keep_bos else []) + ids[len(ids) - keep + int(keep_bos):]
+                    token_ids[index] = ids
+                    truncated.add(index)
+                    room = context_length if is_encoder_decoder else context_length - len(ids)
+                else:
+                    too_long.append(index)
+                    continue
+            if budget > room:
+                budget = room
+                capped += 1
+        budgets[index] = budget
+    if too_long:
+        first = too_long[0]
+        message = (f"{len(too_long)} prompt(s) leave no room in the model's context of {context_length} tokens "
+                   f"(prompt {first} has {len(token_ids[first])} tokens). Shorten them, or pass "
+                   "truncate_prompts=True to keep the end of each prompt.")
+        if not record:
+            raise ValueError(message)
+        for index in too_long:
+            failed.add(index)
+            ready.append(GenerationResult(index=index, prompt=texts[index], prompt_tokens=len(token_ids[index]),
+                                          error=f"prompt {index} has {len(token_ids[index])} tokens, more than the "
+                                                f"model's context of {context_length}"))
+        live = [i for i in live if i not in failed]
+    if capped:
+        logger.warning("%d prompt(s) leave less room in the model's context (%d tokens) than max_new_tokens: their "
+                       "answers are capped to the room left (finish_reason 'length').", capped, context_length)
+
+    # keys, resume, dedup
+    copies: dict[tuple[str, str], int] = {}
+    copy_numbers: dict[int, int] = {}
+    keys: dict[int, str] = {}
+    for index in live:
+        prompt_params = per_prompt[index]
+        identity_prompt = texts[index] + (f"\x00truncated:{token_ids[index]}" if index in truncated else "")
+        copy = 0
+        if not prompt_params.deterministic:
+            group = (identity_prompt, prompt_params.fingerprint)
+            copy = copies.get(group, 0)
+            copies[group] = copy + 1
+        copy_numbers[index] = copy
+        keys[index] = answer_key(model_identity, identity_prompt, prompt_params.fingerprint, copy)
+    stored = store.get_many(list(keys.values())) if store is not None else {}
+    slots: dict[str, Slot] = {}
+    ordered_slots: list[Slot] = []
+    deduplicated = 0
+    plan_positions: dict[int, list[int]] = {}
+    for index in live:
+        key = keys[index]
+        answer = stored.get(key)
+        prompt_params = per_prompt[index]
+        if answer is not None:
+            ready.append(_result_from_answer(index, texts[index], answer, cached=True))
+            continue
+        if dedup and key in slots:
+            slots[key].positions.append(index)
+            deduplicated += 1
+            continue
+        seed = prompt_params.seed
+        if seed is not None and copy_numbers.get(index, 0) > 0:
+            # copies of a sampled prompt draw independent samples: each copy gets its own seed
+            seed = mix(seed, copy_numbers[index], -1)
+        request = Request(id=len(ordered_slots), token_ids=token_ids[index], params=prompt_params,
+                          max_new_tokens=budgets[index], seed=seed, key=key)
+        slot = Slot(request, [index], texts[index])
+        ordered_slots.append(slot)
+        if dedup:
+            slots[key] = slot
+        plan_positions[request.id] = slot.positions
+    cached = sum(1 for r in ready if r.cached)
+    if store is not None:
+        logger.info("Store %s: %d of %d prompts already answered; generating the rest.", store.path, cached, n)
+    stats = RunSummary(prompts=n, cached=cached, deduplicated=deduplicated, near_duplicates=len(removed),
+                       capped=capped)
+    return CallPlan(n_inputs=n, slots=ordered_slots, ready=ready, prompt_ids=token_ids, skip_prompt=skip_prompt,
+                    isolate_errors=record, store=store, model_identity=model_identity, postprocessor=postprocessor,
+                    stats=stats)
+
+
+def _result_from_answer(index: int, prompt: str, answer: StoredAnswer, cached: bool) -> GenerationResult:
+    return GenerationResult(index=index, prompt=prompt, texts=list(answer.texts), token_ids=answer.token_ids,
+                            finish_reasons=list(answer.finish_reasons), prompt_tokens=answer.prompt_tokens,
+                            completion_tokens=answer.completion_tokens, error=answer.error, cached=cached)
+
+
+def finish_request(plan: CallPlan, slot: Slot, output: EngineOutput) -> StoredAnswer:
+    """Post-process one engine output and commit it to the store (before anything is shown)."""
+    request = slot.request
+    if output.error is not None:
+        answer = StoredAnswer(request.key, [], [], [], len(request.token_ids), 0, output.error)
+    else:
+        texts, kept, reasons, completion = plan.postprocessor.finish(request, output)
+        answer = StoredAnswer(request.key, texts, kept, reasons, len(request.token_ids), completion)
+    if plan.store is not None:
+        plan.store.put(answer, plan.model_identity, slot.prompt, request.params.fingerprint)
+    return answer
+
+
+def fan_out(plan: CallPlan, slot: Slot, answer: StoredAnswer) -> list[GenerationResult]:
+    """One result per input position of the slot, with the prompt echoed when asked."""
+    results = []
+    for index in slot.positions:
+        result = _result_from_answer(index, slot.prompt, answer, cached=False)
+        if not plan.skip_prompt and answer.error is None:
+            result.texts = [plan.postprocessor.echo(plan.prompt_ids[index], ids, text, reason)
+                            for text, ids, reason in zip(answer.texts, answer.token_ids, answer.finish_reasons)]
+        results.append(result)
+    return results
+
+
+def echo_ready(plan: CallPlan, result: GenerationResult) -> GenerationResult:
+    """Cached answers are stored as continuations: put the prompt in front when asked."""
+    if plan.skip_prompt or not result.cached or result.error is not None:
+        return result
+    ids = plan.prompt_ids.get(result.index, [])
+    result.texts = [plan.postprocessor.echo(ids, new, text, reason)
+                    for text, new, reason in zip(result.texts, result.token_ids, result.finish_reasons)]
+    return result
+
+
+def run_local(plan: CallPlan, engine, requests: Sequence[Request] | None = None
+              ) -> Iterator[tuple[Slot, StoredAnswer]]:
+    """Run the engine over (some of) the plan's requests in this process, committing each answer."""
+    slots = {slot.request.id: slot for slot in plan.slots}
+    requests = plan.to_generate() if requests is None else requests
+    for request, output in engine.run(requests, isolate_errors=plan.isolate_errors):
+        slot = slots[request.id]
+        yield slot, finish_request(plan, slot, output)
+
+
+def partial_answers(done: dict[int, GenerationResult]) -> dict[int, Any]:
+    return {i: r.answer for i, r in done.items() if r.error is None and r.duplicate_of is None}
+
+
+def raise_failed(plan: CallPlan, err: BatchFailed, done: dict[int, GenerationResult]) -> None:
+    slots = {slot.request.id: slot for slot in plan.slots}
+    indices = sorted(i for rid in err.request_ids for i in slots[rid].positions)
+    cause = err.cause
+    from .scheduling import is_out_of_memory
+
+    hint = (" Out of memory at batch size 1: lower max_new_tokens, load in lower precision or quantized, or "
+            "spread the model with device_map='auto'." if is_out_of_memory(cause) else "")
+    raise BatchGenerationError(
+        f"Generation failed for the batch of prompts {indices}: {type(cause).__name__}: {cause}.{hint} "
+        f"The {len(done)} answers already finished are on this exception's `partial`; pass on_error='record' to "
+        "keep going past failing prompts.", indices, partial_answers(done)) from cause
+
+
+def interrupted(done: dict[int, GenerationResult]) -> GenerationInterrupted:
+    return GenerationInterrupted(
+        f"Interrupted: {len(done)} answers were finished; they are on this exception's `partial` (and in the store, "
+        "if one was given: rerun to resume).", partial_answers(done))
+
+
+def summarize(plan: CallPlan, results: dict[int, GenerationResult], started: float, engine_stats,
+              engine_name: str, engine_reason: str) -> RunSummary:
+    stats = plan.stats
+    stats.sequences = sum(len(r.texts) for r in results.values())
+    stats.wall_time_s = time.perf_counter() - started
+    stats.engine = engine_name
+    stats.engine_reason = engine_reason
+    stats.failures = sorted((i, r.error) for i, r in results.items() if r.error is not None)
+    stats.failed = len(stats.failures)
+    if engine_stats is not None:
+        stats.batches = engine_stats.batches
+        stats.batch_size = engine_stats.batch_size
+        stats.oom_retries = engine_stats.oom_retries
+    return stats
