@@ -505,7 +505,7 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
             chat_status = gr.Markdown("", elem_id="chat-status")
             with gr.Accordion("Generation settings", open=True):
                 system_box = gr.Textbox(
-                    value=system_default or "", label="System message", lines=3, max_lines=8, elem_id="system",
+                    value=system_default or "", label="System message", lines=4, max_lines=10, elem_id="system",
                     interactive=system_default is not None,
                     info=None if system_default is not None else
                     "This model has no chat template: the prompt is the plain User:/Assistant: transcript.",
@@ -586,8 +586,8 @@ def _preview(rows: list[dict[str, Any]]):
     head = rows[:PREVIEW_ROWS]
     frame = pd.DataFrame([{k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v)
                            for k, v in row.items()} for row in head])
-    widths = [f"{260 if name in ('prompt', 'answer', 'error') else max(70, 9 * len(str(name)) + 28)}px"
-              for name in frame.columns]
+    text_widths = {"prompt": 220, "answer": 240, "error": 120}
+    widths = [f"{text_widths.get(name) or max(70, 9 * len(str(name)) + 28)}px" for name in frame.columns]
     return gr.Dataframe(value=frame, column_widths=widths)
 
 
