@@ -1,28 +1,56 @@
-"""simple-generation: batched, ordered, exact text generation over HuggingFace checkpoints."""
+"""simple-generation: batched, ordered, exact text generation over HuggingFace checkpoints.
 
-from .config import DefaultGenerationConfig
-from .distributed import DistributedGenerationError
-from .generator import SimpleGenerator
-from .loading import ModelLoadError
+Names are imported on first use, so ``simple-generation --help`` and usage errors answer without
+loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .logs import setup_library_logger
-from .results import GenerationResult, RunSummary
-from .scheduling import BatchGenerationError, GenerationInterrupted
-from .store import ResultStore
-from .templates import available_system_prompts, render_conversation
 
-__all__ = [
-    "BatchGenerationError",
-    "DefaultGenerationConfig",
-    "DistributedGenerationError",
-    "GenerationInterrupted",
-    "GenerationResult",
-    "ModelLoadError",
-    "ResultStore",
-    "RunSummary",
-    "SimpleGenerator",
-    "available_system_prompts",
-    "render_conversation",
-]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
+
+_EXPORTS = {
+    "BatchGenerationError": ".scheduling",
+    "DefaultGenerationConfig": ".config",
+    "DistributedGenerationError": ".distributed",
+    "GenerationInterrupted": ".scheduling",
+    "GenerationResult": ".results",
+    "ModelLoadError": ".loading",
+    "ResultStore": ".store",
+    "RunSummary": ".results",
+    "SimpleGenerator": ".generator",
+    "available_system_prompts": ".templates",
+    "render_conversation": ".templates",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'simple_generation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .config import DefaultGenerationConfig  # noqa: F401
+    from .distributed import DistributedGenerationError  # noqa: F401
+    from .generator import SimpleGenerator  # noqa: F401
+    from .loading import ModelLoadError  # noqa: F401
+    from .results import GenerationResult, RunSummary  # noqa: F401
+    from .scheduling import BatchGenerationError, GenerationInterrupted  # noqa: F401
+    from .store import ResultStore  # noqa: F401
+    from .templates import available_system_prompts, render_conversation  # noqa: F401
 
 setup_library_logger()
