@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import datetime
 import heapq
+import importlib.util
 import json
 import logging
 import os
@@ -38,11 +39,8 @@ logger = logging.getLogger("simple_generation")
 INDEX_COLUMN = "__sg_index"  # the record's position in the input, attached before any work is sent out
 MANIFEST = ".simple-generation-job.json"  # hidden: pyarrow / Ray readers of the output folder skip it
 _PART = re.compile(r"^part-(\d+)-(\d+)(?:-[0-9a-f]+)?\.(jsonl|parquet)$")
-_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
-            ".txt": "txt"}
-# Per-prompt parameters a record may carry (the OpenAI names included); io will own this mapping.
-_PARAM_KEYS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "n",
-               "num_return_sequences", "repetition_penalty")
+_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet",
+            ".txt": "txt", ".text": "txt", ".json": "json"}
 
 
 @dataclass
@@ -70,56 +68,37 @@ class ClusterRunSummary:
 
 
 # ---------------------------------------------------------------------------------------------- input records
-@dataclass
-class _Record:
-    index: int
-    prompt: Any  # a string, or a list of chat messages
-    params: dict[str, Any] | None
-    fields: dict[str, Any]
-    error: str | None = None
+def _clean(value: Any) -> Any:
+    """A row as the file had it: columnar readers fill absent keys (and struct fields) with nulls or NaN."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if not _missing(v)}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
 
 
-def _to_record(row: dict[str, Any], prompt_field: str | None, messages_field: str | None) -> _Record:
-    """One input row as a record.
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
 
-    TODO(io): replace by ``simple_generation.io``'s record mapping when it lands, so that the
-    cluster and the single-process CLI read records identically.
-    """
+
+def _to_record(row: dict[str, Any], fmt: str, where: str, prompt_field: str | None,
+               messages_field: str | None):
+    """One input row as io's ``InputRecord`` (the single-process CLI's mapping), or an error record."""
+    from .io import InputError, InputRecord
+    from .io.readers import make_record
+
     index = int(row.pop(INDEX_COLUMN))
-    body = row.get("body")
-    if isinstance(body, Mapping) and "custom_id" in row:  # an OpenAI Batch line
-        fields = {k: v for k, v in row.items() if k not in ("body", "method", "url")}
-        params = {k: body[k] for k in _PARAM_KEYS if body.get(k) is not None}
-        prompt = body.get("messages") if body.get("messages") is not None else body.get("prompt")
-        if prompt is None:
-            return _Record(index, None, None, fields, "the request body has no \"messages\" or \"prompt\"")
-        return _Record(index, prompt, params or None, fields)
-    if messages_field is not None:
-        name = messages_field
-    elif prompt_field is not None:
-        name = prompt_field
-    else:
-        name = next((k for k in ("prompt", "text") if row.get(k) is not None), "prompt")
-    prompt = row.get(name)
-    fields = {k: v for k, v in row.items() if k != name}
-    if prompt is None:
-        return _Record(index, None, None, fields, f"the record has no {name!r} field")
-    if messages_field is None and not isinstance(prompt, str):
-        return _Record(index, prompt, None, fields, f"the {name!r} field is not a string: {prompt!r:.80}")
-    if messages_field is not None and not isinstance(prompt, list):
-        return _Record(index, prompt, None, fields, f"the {name!r} field is not a list of messages")
-    params = {k: row[k] for k in _PARAM_KEYS if row.get(k) is not None}
-    return _Record(index, prompt, params or None, fields)
-
-
-def _output_record(record: _Record, answer: Any = None, finish_reason: str | None = None,
-                   prompt_tokens: int | None = None, completion_tokens: int | None = None,
-                   error: str | None = None) -> dict[str, Any]:
-    """TODO(io): swap for io's output-record builder (same keys)."""
-    out = dict(record.fields)
-    out.update(index=record.index, prompt=record.prompt, answer=answer, finish_reason=finish_reason,
-               prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=record.error or error)
-    return out
+    raw = _clean(row)
+    try:
+        if fmt == "txt":
+            return InputRecord(index=index, prompt=raw.get("text", ""), source=where), None
+        return make_record(index, raw, where, prompt_field=prompt_field, messages_field=messages_field,
+                           from_text=fmt == "csv"), None
+    except InputError as err:
+        name = messages_field or prompt_field or next((k for k in ("prompt", "text", "messages") if k in raw), None)
+        prompt = raw.get(name) if name else None
+        fields = {k: v for k, v in raw.items() if k != name}
+        return InputRecord(index=index, prompt=prompt, fields=fields, source=where), str(err)
 
 
 # ---------------------------------------------------------------------------------------------- the actor
@@ -127,8 +106,8 @@ class _GenerationReplica:
     """A Ray Data actor: one SimpleGenerator per replica, loaded in ``__init__``, used for every batch."""
 
     def __init__(self, model: str, model_kwargs: dict[str, Any], generation_options: dict[str, Any],
-                 prompt_field: str | None, messages_field: str | None, on_error: str, batch_size: int,
-                 track_emissions: bool):
+                 input_format: str, source: str, prompt_field: str | None, messages_field: str | None,
+                 on_error: str, batch_size: int, track_emissions: bool):
         import ray
 
         from .generator import SimpleGenerator
@@ -140,6 +119,7 @@ class _GenerationReplica:
         self.gen = SimpleGenerator(model, track_emissions=track_emissions, emissions_dir=self._emissions_dir,
                                    **kwargs)
         self.options = dict(generation_options)
+        self.input_format, self.source = input_format, source
         self.prompt_field, self.messages_field = prompt_field, messages_field
         self.on_error, self.batch_size = on_error, batch_size
         context = ray.get_runtime_context()
@@ -148,14 +128,24 @@ class _GenerationReplica:
     def __call__(self, batch):
         import pyarrow as pa
 
-        records = [_to_record(row, self.prompt_field, self.messages_field) for row in batch.to_pylist()]
-        runnable = [r for r in records if r.error is None]
-        outputs = {r.index: _output_record(r) for r in records if r.error is not None}
+        from .io import output_record
+
+        outputs: dict[int, dict[str, Any]] = {}
+        runnable = []
+        for row in batch.to_pylist():
+            record, error = _to_record(row, self.input_format, self.source, self.prompt_field, self.messages_field)
+            if error is None:
+                runnable.append(record)
+            else:
+                outputs[record.index] = output_record(record, {"error": error})
         energy = emissions = None
         tokens = 0
         if runnable:
-            for record, out in zip(runnable, self._generate(runnable)):
-                outputs[record.index] = out
+            results = self.gen.generate(
+                [r.prompt for r in runnable], params=[r.params or None for r in runnable], on_error=self.on_error,
+                batch_size=self.batch_size, show_progress_bar=False, **self.options)
+            for record, result in zip(runnable, results):
+                outputs[record.index] = output_record(record, result)
             run = self.gen.last_run
             tokens = int(run.generated_tokens)
             energy, emissions = run.energy_kwh, run.emissions_kg_co2eq
@@ -170,34 +160,6 @@ class _GenerationReplica:
             "emissions_kg": pa.array([emissions] + [None] * (len(order) - 1), pa.float64()),
             "replica": pa.array([self.replica] * len(order)),
         })
-
-    def _generate(self, records: list[_Record]) -> list[dict[str, Any]]:
-        prompts = [r.prompt for r in records]
-        params = [r.params for r in records]
-        gen = self.gen
-        if hasattr(gen, "generate"):
-            results = gen.generate(prompts, params=params if any(params) else None, on_error=self.on_error,
-                                   batch_size=self.batch_size, show_progress_bar=False, **self.options)
-            return [_output_record(r, answer=res.answer, finish_reason=res.finish_reason,
-                                   prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
-                                   error=res.error) for r, res in zip(records, results)]
-        # TODO(generate): until SimpleGenerator.generate lands, today's __call__, errors isolated per prompt.
-        try:
-            answers = gen(prompts, batch_size=self.batch_size, show_progress_bar=False, **self.options)
-            return [_output_record(r, answer=a) for r, a in zip(records, answers)]
-        except Exception:  # noqa: BLE001 - a bad prompt must not fail its batch
-            if self.on_error == "raise":
-                raise
-        outputs, tokens = [], 0
-        for record in records:
-            try:
-                answer = gen([record.prompt], batch_size=1, show_progress_bar=False, **self.options)[0]
-                tokens += gen.last_run.generated_tokens
-                outputs.append(_output_record(record, answer=answer))
-            except Exception as err:  # noqa: BLE001
-                outputs.append(_output_record(record, error=f"{type(err).__name__}: {err}"))
-        gen.last_run.generated_tokens = tokens
-        return outputs
 
 
 # ---------------------------------------------------------------------------------------------- output parts
@@ -360,40 +322,28 @@ def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- emissions
-def _append_emissions_row(folder: str, model: str, duration: float, energy: float, emissions: float,
-                          replicas: int) -> str:
-    """One row for the whole job in ``<folder>/emissions.csv``, in the file's (codecarbon's) columns."""
-    path = os.path.join(folder, "emissions.csv")
-    header: list[str] | None = None
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, encoding="utf-8", newline="") as handle:
-            header = next(csv.reader(handle), None)
-    if not header:
-        try:
-            import dataclasses as dc
+def _append_emissions_row(path: str, model: str, duration: float, energy: float, emissions: float,
+                          replicas: int) -> None:
+    """One row for the whole job in codecarbon's columns, in the file ``emissions.emissions_csv_path`` chose."""
+    from .emissions import codecarbon_columns
 
-            from codecarbon.output_methods.emissions_data import EmissionsData
-
-            header = [f.name for f in dc.fields(EmissionsData)]
-        except ImportError:
-            header = ["timestamp", "project_name", "run_id", "duration", "emissions", "emissions_rate",
-                      "energy_consumed", "tracking_mode"]
-        new = True
-    else:
-        new = False
+    header = codecarbon_columns()
     values = {
         "timestamp": datetime.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"), "project_name": model,
         "run_id": str(uuid.uuid4()), "duration": duration, "emissions": emissions,
         "emissions_rate": emissions / duration if duration > 0 else 0.0, "energy_consumed": energy,
         "tracking_mode": f"ray ({replicas} replicas, summed)",
     }
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "a", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        if new:
-            writer.writerow(header)
-        writer.writerow([values.get(name, "") for name in header])
-    return path
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(header)
+            writer.writerow([values.get(name, "") for name in header])
+    except OSError as err:  # measuring must never lose the answers
+        logger.warning("Could not write the job's emissions row to %s: %s", path, err)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -404,6 +354,9 @@ def _input_format(input: str | Sequence[str], input_format: str | None) -> str:
     name = re.sub(r"\.(gz|bz2|zst|zstd|lz4|snappy)$", "", str(first).rstrip("/"))
     suffix = os.path.splitext(name)[1].lower()
     if suffix in _FORMATS:
+        if _FORMATS[suffix] == "json":
+            raise ValueError(f"{first}: a .json file (one list) is not read on a cluster; write it as .jsonl, "
+                             "one record per line.")
         return _FORMATS[suffix]
     if os.path.isdir(first):
         suffixes = {_FORMATS.get(os.path.splitext(f)[1].lower()) for f in os.listdir(first)} - {None}
@@ -426,7 +379,8 @@ def _numbered_blocks(input: str | Sequence[str], fmt: str, done: set[int]) -> tu
     readers = {"jsonl": lambda p: ray.data.read_json(p, lines=True), "csv": ray.data.read_csv,
                "parquet": ray.data.read_parquet, "txt": ray.data.read_text}
     if fmt not in readers:
-        raise ValueError(f"input_format must be one of {sorted(readers)}, got {fmt!r}.")
+        hint = " (a .json list: write it as .jsonl, one record per line)" if fmt == "json" else ""
+        raise ValueError(f"input_format must be one of {sorted(readers)} on a cluster, got {fmt!r}{hint}.")
     context = DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
@@ -547,6 +501,11 @@ def generate_dataset(
         "generation_options": json.loads(json.dumps(generation_options, sort_keys=True, default=repr)),
         "prompt_field": prompt_field, "messages_field": messages_field, "output_format": fmt,
     })
+    csv_path = None
+    if track_emissions and importlib.util.find_spec("codecarbon") is not None:
+        from .emissions import emissions_csv_path
+
+        csv_path = emissions_csv_path(emissions_dir)  # a foreign file fails here, before any work
     for stale in parts_dir.glob(".tmp-*"):  # left by a writer killed mid-write
         stale.unlink()
     sources = [(path, fmt) for _, _, path in _parts(parts_dir)]
@@ -582,6 +541,7 @@ def generate_dataset(
                 _GenerationReplica,
                 fn_constructor_kwargs=dict(
                     model=str(model), model_kwargs=model_kwargs, generation_options=generation_options,
+                    input_format=in_fmt, source=str(input) if isinstance(input, str) else str(input[0]),
                     prompt_field=prompt_field, messages_field=messages_field, on_error=on_error,
                     batch_size=batch_size, track_emissions=track_emissions),
                 batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=replicas),
@@ -641,8 +601,8 @@ def generate_dataset(
             parts_dir.rmdir()
         except OSError:
             pass
-    if track_emissions and energy is not None:
-        _append_emissions_row(emissions_dir, str(model), summary.wall_time_s, energy, emissions or 0.0, replicas)
+    if csv_path is not None and energy is not None:
+        _append_emissions_row(csv_path, str(model), summary.wall_time_s, energy, emissions or 0.0, replicas)
     logger.info(
         "%d records (%d already done): generated %d in %.1fs, %.2f prompts/s, %.1f tokens/s, %d error(s)%s.",
         summary.records, summary.already_done, summary.generated, summary.wall_time_s, summary.prompts_per_second,
