@@ -267,3 +267,39 @@ def test_rerun_rewrites_the_output_from_the_store(llama_path, tmp_path, caplog):
     assert main(argv) == 0
     assert out.read_text(encoding="utf-8") == first
     assert "8 from the store" in caplog.text
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(llama_path, tmp_path):
+    import re
+    import signal
+    import time
+
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(60)]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    options = ["--max-new-tokens", "8", "--temperature", "0", "--skip-prompt", "--no-emissions", "--batch-size", "2",
+               "--window-size", "10"]
+    reference = tmp_path / "reference.jsonl"
+    assert main([llama_path, "--input", str(source), "--output", str(reference), "--no-store", "--quiet",
+                 *options]) == 0
+    out = tmp_path / "out.jsonl"
+    argv = CLI + ["run", llama_path, "--input", str(source), "--output", str(out), *options]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and child.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 5:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "the run ended before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    written = _jsonl(out)
+    assert out.read_bytes().endswith(b"\n") and [r["index"] for r in written] == list(range(len(written)))
+    assert 5 <= len(written) < 60
+    rerun = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert out.read_text(encoding="utf-8") == reference.read_text(encoding="utf-8")
+    cached = int(re.search(r"(\d+) from the store", rerun.stderr).group(1))
+    assert cached >= len(written)  # what was written before the kill was not generated again
