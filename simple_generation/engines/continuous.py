@@ -414,7 +414,10 @@ class _Scheduler:
         config = greedy_config(params.config) if params.sampled else copy.deepcopy(params.config)
         config.max_new_tokens = request.max_new_tokens
         config.max_length = len(request.token_ids) + request.max_new_tokens
-        processors = self.engine.model._get_logits_processor(
+        model = self.engine.model
+        if hasattr(model, "_prepare_special_tokens"):  # tensors some processors read (as generate prepares them)
+            model._prepare_special_tokens(config, True, device=self.device)
+        processors = model._get_logits_processor(
             generation_config=config, input_ids_seq_length=len(request.token_ids), device=str(self.device))
         row.processors = processors if len(processors) else None
         if params.sampled:
