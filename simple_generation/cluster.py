@@ -280,7 +280,8 @@ def _merge_ordered(sources: list[tuple[int, Path, str]], output: Path, fmt: str)
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.unify_schemas([pq.read_schema(path) for _, path, _ in sources], promote_options="permissive")
+        schemas = [pq.read_schema(path) for _, path, _ in sources]
+        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
 
         def write(tmp: Path) -> None:
             nonlocal count
@@ -306,18 +307,18 @@ def _merge_ordered(sources: list[tuple[int, Path, str]], output: Path, fmt: str)
     return count
 
 
-def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    path = folder / MANIFEST
-    if path.exists():
+def _check_manifest(path: Path, manifest: dict[str, Any], has_results: bool) -> None:
+    """Refuse to resume results made with other settings; record this job's settings otherwise."""
+    if path.exists() and has_results:
         previous = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
         if changed:
             raise ValueError(
-                f"{folder} holds results of a different job (changed: {', '.join(changed)}); resuming would mix "
-                "answers of different settings. Use another output path, or delete it to start over."
+                f"{path.parent} holds results of a different job (changed: {', '.join(changed)}; see {path}); "
+                "resuming would mix answers of different settings. Use another output path, or delete it."
             )
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
 
 
@@ -495,12 +496,15 @@ def generate_dataset(
     emissions_dir = model_kwargs.pop("emissions_dir", emissions_dir)
     if not gpus_per_replica and "device" not in model_kwargs and "device_map" not in model_kwargs:
         model_kwargs["device"] = "cpu"  # no GPU was reserved for the replica: don't take one
-    _check_manifest(parts_dir, {
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    # The settings that decide the answers, kept beside the results (hidden) so a rerun can check them.
+    manifest_path = (output_path.with_name(f".{output_path.name}{MANIFEST}") if ordered else parts_dir / MANIFEST)
+    _check_manifest(manifest_path, {
         "input": [str(p) for p in input] if not isinstance(input, str) else str(input), "model": str(model),
         "model_kwargs": json.loads(json.dumps(model_kwargs, sort_keys=True, default=repr)),
         "generation_options": json.loads(json.dumps(generation_options, sort_keys=True, default=repr)),
         "prompt_field": prompt_field, "messages_field": messages_field, "output_format": fmt,
-    })
+    }, has_results=bool(_parts(parts_dir)) or (ordered and output_path.is_file()))
     csv_path = None
     if track_emissions and importlib.util.find_spec("codecarbon") is not None:
         from .emissions import emissions_csv_path
@@ -596,7 +600,6 @@ def generate_dataset(
             _merge_ordered(sources_by_first, output_path, fmt)
         for _, _, path in _parts(parts_dir):
             path.unlink()
-        (parts_dir / MANIFEST).unlink(missing_ok=True)
         try:
             parts_dir.rmdir()
         except OSError:

@@ -203,6 +203,11 @@ def test_two_replicas_ordered_output_equals_single_process(cluster, reference, l
     assert (again.already_done, again.generated) == (N, 0)
     assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == records
 
+    # Other settings never resume (or silently reuse) these answers.
+    with pytest.raises(ValueError, match="different job"):
+        generate_dataset(str(source), llama_path, str(tmp_path / "out.jsonl"), ordered=True,
+                         **{**GREEDY, "max_new_tokens": 5}, **QUIET)
+
 
 def test_sigkill_of_a_replica_mid_job_every_record_once(cluster, reference, llama_path, tmp_path):
     prompts, answers = reference
