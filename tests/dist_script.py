@@ -3,7 +3,8 @@
     accelerate launch --multi_gpu --num_processes 2 tests/dist_script.py MODEL OUT_DIR --case 11:4 --case 1:4
 
 Each ``--case N:BATCH`` generates greedily for the first N of ``PROMPTS`` (BATCH an integer or ``auto``)
-and stores the answers (``N:BATCH:oom``: rank 1 runs out of memory on every batch of more than 2 prompts);
+and stores the answers (``N:BATCH:oom``: rank 1 runs out of memory on every batch of more than 2 prompts;
+``:store``: with a store in OUT_DIR; ``:seed``: seeded sampling; ``:emptyon1``: rank 1 gets no prompts);
 the rank writes ``OUT_DIR/rank{R}.json``. ``--fail-rank R`` makes generation raise
 on rank R (``--crash-rank R``: the process dies without a word, as if killed); the ranks that raise write
 ``OUT_DIR/rank{R}.error.json`` with the error before re-raising.
@@ -80,14 +81,24 @@ def main(argv: list[str] | None = None) -> int:
             kwargs = dict(extra)
             if "oom" in flags:
                 kwargs["logits_processor"] = _out_of_memory_processor(rank=1, limit=2)
-            answers = generator(PROMPTS[: int(n)], batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS,
-                                temperature=0, show_progress_bar=False, **kwargs)
-            assert len(answers) == int(n)
+            if "store" in flags:
+                kwargs["store"] = str(out / "store.sqlite")
+            if "seed" in flags:
+                kwargs.update(do_sample=True, temperature=1.0, seed=2024)
+            else:
+                kwargs["temperature"] = 0
+            prompts = PROMPTS[: int(n)]
+            if "emptyon1" in flags and distribution.rank == 1:
+                prompts = []
+            answers = generator(prompts, batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS,
+                                show_progress_bar=False, **kwargs)
+            assert len(answers) == len(prompts)
             record["cases"][case] = answers
             run = generator.last_run
             record["last_run"][case] = {"prompts": run.prompts, "generated_tokens": run.generated_tokens,
                                         "batches": run.batches, "batch_size": run.batch_size,
-                                        "oom_retries": run.oom_retries, "energy_kwh": run.energy_kwh}
+                                        "oom_retries": run.oom_retries, "energy_kwh": run.energy_kwh,
+                                        "cached": run.cached}
     except Exception as err:
         (out / f"rank{distribution.rank}.error.json").write_text(json.dumps(
             {"type": type(err).__name__, "message": str(err),

@@ -241,3 +241,42 @@ def test_accelerate_launch_cpu_flag(llama_path, single_process_answers, tmp_path
     for record in records:
         assert record["cases"]["11:4"] == single_process_answers[:11]
         assert record["cases"]["0:4"] == []
+
+
+@pytest.mark.slow
+def test_empty_list_on_one_rank_raises_everywhere_instead_of_hanging(llama_path, tmp_path):
+    result = _launch(llama_path, tmp_path, "--case", "5:4:emptyon1", timeout=90)  # a hang fails with TimeoutExpired
+    assert result.returncode != 0
+    for rank in range(2):
+        error = json.loads((tmp_path / f"rank{rank}.error.json").read_text())
+        assert "different prompts" in error["message"]
+
+
+@pytest.mark.slow
+def test_empty_call_on_every_rank_returns_empty(llama_path, tmp_path):
+    result = _launch(llama_path, tmp_path, "--case", "0:4", "--case", "3:4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for record in _ranks(tmp_path, 2):
+        assert record["cases"]["0:4"] == [] and len(record["cases"]["3:4"]) == 3
+
+
+@pytest.mark.slow
+def test_store_and_seeded_sampling_under_two_processes(llama_path, single_process_answers, tmp_path):
+    """No prompt done twice across ranks (a rerun finds every answer stored), and seeded samples equal
+    a single process's."""
+    result = _launch(llama_path, tmp_path, "--case", "11:4:store", "--case", "11:4:store", "--case", "11:2:seed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = _ranks(tmp_path, 2)
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "store.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 11
+    for record in ranks:
+        assert record["cases"]["11:4:store"] == single_process_answers[:11]
+    # the second identical call: every answer from the store, on every rank
+    generator = SimpleGenerator(llama_path, device="cpu", track_emissions=False)
+    seeded = generator(PROMPTS[:11], batch_size=3, max_new_tokens=MAX_NEW_TOKENS, do_sample=True, temperature=1.0,
+                       seed=2024, show_progress_bar=False)
+    for record in ranks:
+        assert record["cases"]["11:2:seed"] == seeded
+        assert record["last_run"]["11:4:store"]["cached"] == 11  # the last of the two store cases

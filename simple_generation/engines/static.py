@@ -54,6 +54,10 @@ class StaticEngine:
         self.sort = True
         self.stats = EngineStats()
         self.on_batch_start = None  # hook for the façade (first-batch compile timing)
+        from ..loading import context_length
+
+        # a padded batch runs to its widest prompt plus its largest budget: keep that inside the context
+        self.context_limit = None if is_encoder_decoder else context_length(model)
 
     @classmethod
     def create(cls, context: EngineContext) -> StaticEngine:
@@ -150,6 +154,12 @@ class StaticEngine:
             rows_list = [row[1:] if row and start_id is not None and row[0] == start_id else row for row in rows_list]
         else:
             rows_list = new_tokens.tolist()
+        pad_id = config.pad_token_id
+        eos = config.eos_token_id
+        eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        if pad_id is not None and pad_id not in eos_ids:
+            # rows that finished early (stop strings, own budget) are padded up to the batch's end
+            rows_list = [_strip_trailing(row, pad_id) for row in rows_list]
         per = len(rows_list) // len(requests)
         return [EngineOutput(sequences=[row[: r.max_new_tokens] for row in rows_list[i * per:(i + 1) * per]])
                 for i, r in enumerate(requests)]
@@ -179,7 +189,7 @@ class StaticEngine:
     def _run_group(self, group: list[Request], isolate_errors: bool) -> Iterator[tuple[Request, EngineOutput]]:
         position = 0
         while position < len(group):
-            batch = group[position: position + self.batch_size]
+            batch = self._fitting(group[position: position + self.batch_size])
             try:
                 outputs = self.generate_batch(batch)
             except Exception as err:
@@ -204,6 +214,17 @@ class StaticEngine:
             yield from zip(batch, outputs)
             position += len(batch)
 
+    def _fitting(self, batch: list[Request]) -> list[Request]:
+        """The longest prefix of ``batch`` whose padded width plus largest budget fits in the context."""
+        if self.context_limit is None:
+            return batch
+        width = budget = 0
+        for count, request in enumerate(batch):
+            width, budget = max(width, len(request.token_ids)), max(budget, request.max_new_tokens)
+            if count and width + budget > self.context_limit:
+                return batch[:count]
+        return batch
+
     def _isolate(self, batch: list[Request], err: BaseException) -> Iterator[tuple[Request, EngineOutput]]:
         """Bisect a failing batch: requests that fail alone get an error, the others their answers."""
         if len(batch) == 1:
@@ -221,3 +242,10 @@ class StaticEngine:
                 continue
             self.stats.batches += 1
             yield from zip(half, outputs)
+
+
+def _strip_trailing(row: list[int], pad_id: int) -> list[int]:
+    end = len(row)
+    while end and row[end - 1] == pad_id:
+        end -= 1
+    return row[:end]
