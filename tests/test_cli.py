@@ -207,6 +207,8 @@ def test_run_openai_batch_round_trip(llama_path, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_run_csv_and_parquet_output(llama_path, tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
     source = tmp_path / "in.csv"
     source.write_text("id,prompt\n1,Hello\n2,\"two\nlines\"\n", encoding="utf-8")
     out = tmp_path / f"out{suffix}"
@@ -225,6 +227,7 @@ def test_run_csv_and_parquet_output(llama_path, tmp_path, suffix):
 
 
 def test_run_stdin_near_dedup_and_dry_run(llama_path, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("datasketch")
     text = "the quick brown fox jumps over the lazy dog again and again\n" \
            "the quick brown fox jumps over the lazy dog again and again!\n" \
            "something else entirely\n"
