@@ -109,7 +109,11 @@ def plan_call(
         if not isinstance(own, dict):
             raise ValueError(f"params[{index}] must be a dict or None, got {type(own).__name__}.")
         where = f"params[{index}]"
-        overrides = {**base, **normalize_overrides(own, where, PER_PROMPT_KEYS)}
+        own = normalize_overrides(own, where, PER_PROMPT_KEYS)
+        overrides = {**base, **own}
+        temperature = own.get("temperature")
+        if isinstance(temperature, (int, float)) and temperature > 0 and "do_sample" not in own:
+            overrides["do_sample"] = True  # a prompt asking for a temperature asks for sampling (OpenAI's meaning)
         try:
             per_prompt.append(builder.build(overrides, call_kwargs))
         except ValueError as err:

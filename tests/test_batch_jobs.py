@@ -243,3 +243,10 @@ def test_seed_reproducible_across_generators(llama_path, gen):
     first = gen(PROMPTS[:4], **kwargs)
     torch.manual_seed(1)
     assert other(PROMPTS[:4], **kwargs) == first
+
+
+def test_per_prompt_temperature_samples_under_a_greedy_call(gen):
+    params = [{"temperature": 1.5, "seed": s} for s in (1, 2, 3)]
+    answers = gen(["Once upon a time"] * 3, params=params, max_new_tokens=10, temperature=0, skip_prompt=True,
+                  show_progress_bar=False)
+    assert len(set(answers)) > 1
