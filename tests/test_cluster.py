@@ -67,7 +67,10 @@ def free_port() -> int:
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               # a dead node is noticed after ~3 s instead of ~15 s
+               RAY_health_check_initial_delay_ms="1000", RAY_health_check_period_ms="1000",
+               RAY_health_check_failure_threshold="3")
     command = [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start", *args, "--block"]
     return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -121,9 +124,13 @@ def _reset_token_cache() -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head node (1 CPU) and a worker node (2 CPUs) on loopback, small object stores, no dashboard."""
+    """A head node (no CPU) and a worker node (2 CPUs) on loopback, small object stores, no dashboard."""
     with private_auth_token():
         yield from _cluster()
+
+
+def _alive_nodes() -> int:
+    return len([n for n in ray.nodes() if n["Alive"]])
 
 
 def _cluster():
@@ -131,22 +138,35 @@ def _cluster():
     port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats"]
-    head = _start(["--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+    # No CPU on the head (as on real clusters): every replica runs on a worker node.
+    head = _start(["--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "0",
                    "--include-dashboard=false", "--temp-dir", temp_dir, *common], Path(temp_dir) / "head.log")
     nodes = [head]
+    info = {"address": address, "roots": [head.pid]}
+
+    def add_node(cpus: int = 2) -> subprocess.Popen:
+        """Start one more worker node and wait until it has joined."""
+        wanted = _alive_nodes() + 1
+        node = _start(["--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), *common],
+                      Path(temp_dir) / f"worker{len(nodes)}.log")
+        nodes.append(node)
+        info["roots"].append(node.pid)
+        deadline = time.time() + 120
+        while _alive_nodes() < wanted:
+            assert time.time() < deadline, "the worker node did not join"
+            time.sleep(0.5)
+        return node
+
     try:
         deadline = time.time() + 120
         while not (Path(temp_dir) / "ray_current_cluster").exists():
             assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()
             assert time.time() < deadline, "the head node did not start"
             time.sleep(0.5)
-        nodes.append(_start(["--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2", *common],
-                            Path(temp_dir) / "worker.log"))
         ray.init(address=address, log_to_driver=False)
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-            assert time.time() < deadline, "the worker node did not join"
-            time.sleep(0.5)
-        yield {"address": address, "roots": [p.pid for p in nodes]}
+        add_node()
+        info["add_node"] = add_node
+        yield info
     finally:
         ray.shutdown()
         for process in reversed(nodes):
@@ -162,11 +182,13 @@ def reference(llama_path):
     return prompts, answers
 
 
-def replica_pids(cluster) -> list[int]:
-    """Processes of our cluster that host a generation replica (a Ray Data actor)."""
+def replica_pids(cluster, ready: bool = True) -> list[int]:
+    """Processes of our cluster that host a generation replica (a Ray Data actor); ``ready``: past ``__init__``
+    (Ray titles a worker process after the method it runs)."""
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "_GenerationReplica" in " ".join(proc.info["cmdline"] or []):
+        title = " ".join(proc.info["cmdline"] or [])
+        if "_GenerationReplica" in title and not (ready and "__init__" in title):
             with contextlib.suppress(psutil.NoSuchProcess):
                 if any(parent.pid in cluster["roots"] for parent in proc.parents()):
                     pids.append(proc.info["pid"])
@@ -311,3 +333,62 @@ def test_bad_records_are_recorded_not_fatal_parquet(cluster, reference, llama_pa
         assert len(job_rows) == 1
         assert float(job_rows[0]["energy_consumed"]) == pytest.approx(summary.energy_kwh)
         assert summary.energy_kwh > 0 and summary.emissions_kg_co2eq > 0
+
+
+def _node_of(pid: int, roots: list[int]) -> int | None:
+    """The ``ray start`` process (node) a process descends from."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return next((p.pid for p in psutil.Process(pid).parents() if p.pid in roots), None)
+    return None
+
+
+def test_worker_node_killed_mid_job_every_record_once(cluster, reference, llama_path, tmp_path):
+    """A whole worker node dies (every process of it SIGKILLed): its replica restarts on a node with room.
+
+    Last in the module: the fixture's cluster loses a node here.
+    """
+    prompts, answers = reference
+    cluster["add_node"]()  # room for the displaced replicas: 2 nodes x 2 CPUs, 2 replicas of 1 CPU
+    source = write_jsonl(tmp_path / "in.jsonl", prompts)
+    out = tmp_path / "out"
+    outcome: dict = {}
+
+    def job():
+        try:
+            outcome["summary"] = generate_dataset(str(source), llama_path, str(out), replicas=2, batch_size=1,
+                                                  **GREEDY, **QUIET)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    victim = None
+    deadline = time.time() + 300
+    while thread.is_alive() and time.time() < deadline and victim is None:
+        ready = replica_pids(cluster)
+        if ready and list(out.glob("part-*")):  # a loaded replica, work flowing
+            victim_pid, sole = ready[0], len(ready) == 1
+            victim = _node_of(victim_pid, cluster["roots"])
+        time.sleep(0.02)
+    assert victim is not None and victim != cluster["roots"][0], "no replica found before the job finished"
+    done_at_kill = len(read_part_records(out))
+    root = psutil.Process(victim)  # crash the node: every process of it
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "the job did not finish"
+    assert "error" not in outcome, outcome.get("error")
+    assert assert_exactly_once(read_part_records(out), prompts, answers) is None
+    assert outcome["summary"].generated == N
+    assert done_at_kill < N  # the node died mid-job
+    if sole:  # all output so far was the victim's, and its queued batches are retried by its restarted self:
+        # replicas are named actor@node, so its actor shows up on two nodes
+        nodes_of_actor: dict[str, set[str]] = {}
+        for name in outcome["summary"].per_replica:
+            actor, node = name.split("@")
+            nodes_of_actor.setdefault(actor, set()).add(node)
+        assert any(len(nodes) == 2 for nodes in nodes_of_actor.values()), outcome["summary"].per_replica
+    while _alive_nodes() > 2:  # the node is gone for good: its work moved to the others
+        assert time.time() < deadline, "Ray never marked the killed node dead"
+        time.sleep(0.5)
