@@ -29,10 +29,10 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 pytest.importorskip("ray.data")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
-psutil = pytest.importorskip("psutil")
+import psutil  # noqa: E402 - installed with accelerate
 
 from simple_generation import SimpleGenerator  # noqa: E402
-from simple_generation.cluster import MANIFEST, generate_dataset  # noqa: E402
+from simple_generation.cluster import MANIFEST, _merge_ordered, _write_part, generate_dataset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -202,6 +202,27 @@ def assert_exactly_once(records: list[dict], prompts: list[str], answers: list[s
         i = record["index"]
         assert record["error"] is None
         assert (record["id"], record["prompt"], record["answer"]) == (f"r{i}", prompts[i], answers[i])
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_ordered_merge_of_overlapping_parts_keeps_each_index_once(tmp_path, fmt):
+    """No cluster: parts that overlap (a batch written twice) or interleave merge into one sorted file."""
+    def record(i: int) -> str:
+        return json.dumps({"id": f"r{i}", "index": i, "answer": None if i % 4 == 0 else f"a{i}",
+                           "error": "boom" if i % 4 == 0 else None})
+
+    for indices in ([0, 2, 4], [1, 3, 5], [4, 6], [7], [6, 7, 8]):
+        _write_part(tmp_path, indices, [record(i) for i in indices], fmt)
+    parts = sorted(tmp_path.glob(f"part-*.{fmt}"))
+    assert len(parts) == 5 and not list(tmp_path.glob(".tmp-*"))
+    first = [int(p.name.split("-")[1]) for p in parts]
+    count = _merge_ordered(list(zip(first, parts, [fmt] * 5)), tmp_path / f"out.{fmt}", fmt)
+    if fmt == "jsonl":
+        rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    else:
+        rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert count == 9 and [r["index"] for r in rows] == list(range(9))
+    assert [r["answer"] for r in rows] == [None if i % 4 == 0 else f"a{i}" for i in range(9)]
 
 
 def test_two_replicas_ordered_output_equals_single_process(cluster, reference, llama_path, tmp_path):
