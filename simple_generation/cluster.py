@@ -18,6 +18,7 @@ Needs the ``ray`` extra: ``pip install "simple-generation[ray]"``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import heapq
@@ -149,6 +150,9 @@ class _GenerationReplica:
             run = self.gen.last_run
             tokens = int(run.generated_tokens)
             energy, emissions = run.energy_kwh, run.emissions_kg_co2eq
+            for name in os.listdir(self._emissions_dir):  # the reading is all we keep of the batch's row
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self._emissions_dir, name))
         order = sorted(outputs)
         return pa.table({
             "index": pa.array(order, pa.int64()),
