@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--skip-unsorted", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions; the fastest counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -103,21 +104,27 @@ def main() -> None:
         print(f"{name:18s} {seconds:8.1f} s  {useful / seconds:8.1f} tok/s{ratio} {extra}", flush=True)
 
     continuous(model, prompts[:8], [4] * 8, 8, args.refill)  # warm-up
-    if not args.skip_unsorted:
+    # the machine is shared: every configuration runs --repeat times, interleaved; the fastest run counts
+    best: dict[str, float] = {}
+    extras: dict[str, str] = {}
+    static = None
+    for _ in range(args.repeat):
+        if not args.skip_unsorted:
+            start = time.perf_counter()
+            hf_batches(model, prompts, budgets, args.batch_size, sort=False)
+            best["hf-unsorted"] = min(best.get("hf-unsorted", 1e9), time.perf_counter() - start)
         start = time.perf_counter()
-        hf_batches(model, prompts, budgets, args.batch_size, sort=False)
-        report("hf-unsorted", time.perf_counter() - start)
-    start = time.perf_counter()
-    static = hf_batches(model, prompts, budgets, args.batch_size, sort=True)
-    report("hf-sorted", time.perf_counter() - start)
-    for slots in args.slots:
-        start = time.perf_counter()
-        answers, stats = continuous(model, prompts, budgets, slots, args.refill)
-        seconds = time.perf_counter() - start
-        same = sum(answers[i] == static[i] for i in range(len(prompts)))
-        report(f"continuous/{slots}", seconds, f"  ({stats.batches} forward passes; {same}/{len(prompts)} "
-               "answers equal hf-sorted)")
-
+        static = hf_batches(model, prompts, budgets, args.batch_size, sort=True)
+        best["hf-sorted"] = min(best.get("hf-sorted", 1e9), time.perf_counter() - start)
+        for slots in args.slots:
+            start = time.perf_counter()
+            answers, stats = continuous(model, prompts, budgets, slots, args.refill)
+            name = f"continuous/{slots}"
+            best[name] = min(best.get(name, 1e9), time.perf_counter() - start)
+            same = sum(answers[i] == static[i] for i in range(len(prompts)))
+            extras[name] = f"  ({stats.batches} forward passes; {same}/{len(prompts)} answers equal hf-sorted)"
+    for name, seconds in best.items():
+        report(name, seconds, extras.get(name, ""))
 
 if __name__ == "__main__":
     main()

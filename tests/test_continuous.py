@@ -184,6 +184,18 @@ def test_unseeded_sampling_runs_within_budgets(llama):
         assert all(0 < len(s) <= request.max_new_tokens for s in output.sequences)
 
 
+def test_seeded_samples_do_not_depend_on_slots(llama):
+    """A request with more rows than slots still runs (alone), and gets the same samples."""
+    model, tokenizer = llama
+    prompts, budgets = random_prompts(model.config.vocab_size, 4, seed=9)
+    params = make_params(do_sample=True, temperature=0.8, num_return_sequences=3, eos_token_id=None)
+    requests = [Request(id=i, token_ids=p, params=params, max_new_tokens=b, seed=i)
+                for i, (p, b) in enumerate(zip(prompts, budgets))]
+    wide = {r.id: o.sequences for r, o in run_engine(model, tokenizer, requests, max_slots=12)[1]}
+    narrow = {r.id: o.sequences for r, o in run_engine(model, tokenizer, requests, max_slots=2)[1]}
+    assert wide == narrow and len(wide) == 4
+
+
 # ---------------------------------------------------------------------------------------------- stop strings
 def test_stops_early_on_stop_string(gpt2):
     model, tokenizer = gpt2
@@ -265,12 +277,14 @@ class OOMOnce:
     def __call__(self, module, args, kwargs):
         input_ids = kwargs["input_ids"]
         mask = kwargs["attention_mask"]
-        if input_ids.shape[1] > 1:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache.get_seq_length() == 0
+        if prefill:
             for ids, row_mask in zip(input_ids.tolist(), mask.tolist()):
                 self.prefilled[tuple(i for i, m in zip(ids, row_mask) if m)] += 1
         else:
             self.steps += 1
-        if input_ids.shape[1] == 1 and not self.fired and self.steps > self.after and input_ids.shape[0] >= self.rows:
+        if not prefill and not self.fired and self.steps > self.after and input_ids.shape[0] >= self.rows:
             self.fired = True
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 

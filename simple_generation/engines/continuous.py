@@ -89,6 +89,7 @@ class _Task:
     sequences: dict[int, list[int]] = field(default_factory=dict)
     reasons: dict[int, FinishReason] = field(default_factory=dict)
     order: int = 0                # admission counter: the latest admitted are evicted first on OOM
+    yielded: bool = False
 
     def output(self) -> EngineOutput:
         sequences, reasons = [], []
@@ -125,7 +126,8 @@ class _Row:
 class ContinuousEngine:
     """Continuous batching over a left-padded ``DynamicCache``; see the module docstring.
 
-    Knobs (engine keywords): ``max_slots`` (rows decoded together, default 64), ``max_batch_tokens``
+    Knobs (engine keywords): ``max_slots`` (rows decoded together; default 32 on CPU, 128 on an
+    accelerator; out-of-memory lowers it), ``max_batch_tokens``
     (padded prompt tokens prefilled in one forward pass, default 2048) and ``refill_fraction``
     (admit waiting requests once this fraction of the slots is free, default 0.25).
     """
@@ -134,8 +136,11 @@ class ContinuousEngine:
     needs_hf_model = True
     KWARGS = ("max_slots", "max_batch_tokens", "refill_fraction")
 
-    def __init__(self, model, tokenizer, is_encoder_decoder: bool = False, *, max_slots: int = 64,
+    def __init__(self, model, tokenizer, is_encoder_decoder: bool = False, *, max_slots: int | None = None,
                  max_batch_tokens: int = 2048, refill_fraction: float = 0.25):
+        if max_slots is None:  # measured best on a 2-core CPU; accelerators want wide batches
+            device = getattr(model, "device", None)
+            max_slots = 32 if device is None or torch.device(device).type == "cpu" else 128
         if not isinstance(max_slots, int) or isinstance(max_slots, bool) or max_slots < 1:
             raise ValueError(f"max_slots must be a positive integer, got {max_slots!r}.")
         if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
@@ -329,11 +334,11 @@ class _Scheduler:
     def _should_admit(self) -> bool:
         if not self.waiting:
             return False
+        if not self.rows:  # an empty batch always takes the head (even a request wider than the slots)
+            return True
         free = self.max_slots - len(self.rows)
         if free < self._rows_needed(self.waiting[0]):
             return False
-        if not self.rows:
-            return True
         waiting_rows = sum(self._rows_needed(r) for r in self.waiting)
         return free >= min(waiting_rows, max(1, math.ceil(self.max_slots * self.engine.refill_fraction)))
 
@@ -343,26 +348,33 @@ class _Scheduler:
 
     # ------------------------------------------------------------------ admission
     def _admit_step(self) -> None:
-        """Prefill the next waiting requests that fit and merge them into the running batch."""
-        free = self.max_slots - len(self.rows)
-        batch: list[Request] = []
-        rows = 0
-        while self.waiting:
-            request = self.waiting[0]
-            need = self._rows_needed(request)
-            width = max([len(r.token_ids) for r in batch] + [len(request.token_ids)])
-            if batch and (rows + need > free or width * (len(batch) + 1) > self.engine.max_batch_tokens):
-                break
-            if not batch and need > free:
-                break
-            batch.append(self.waiting.popleft())
-            rows += need
-        self.admitting = batch
-        try:
-            self._prefill(batch)
-        except BaseException:
-            self.waiting.extendleft(reversed(batch))
-            raise
+        """Prefill waiting requests into the free slots, in chunks of similar prompt lengths.
+
+        A chunk is one forward pass: at most ``max_batch_tokens`` padded tokens, and a prompt joins it
+        only if padding it to the chunk's width wastes little (the queue is sorted longest first).
+        """
+        while self.waiting and (not self.rows or self.max_slots - len(self.rows) >= self._rows_needed(self.waiting[0])):
+            free = self.max_slots - len(self.rows)
+            batch: list[Request] = []
+            rows = width = 0
+            while self.waiting:
+                request = self.waiting[0]
+                need, length = self._rows_needed(request), len(request.token_ids)
+                if batch:
+                    wide = max(width, length)
+                    if (rows + need > free or wide * (len(batch) + 1) > self.engine.max_batch_tokens
+                            or abs(width - length) > max(8, wide // 4)):
+                        break
+                batch.append(self.waiting.popleft())
+                rows += need
+                width = max(width, length)
+            self.admitting = batch
+            try:
+                self._prefill(batch)
+            except BaseException:
+                self.waiting.extendleft(reversed(batch))
+                raise
+            self.admitting = []
 
     def _prefill(self, batch: list[Request]) -> None:
         ready = batch
@@ -552,8 +564,8 @@ class _Scheduler:
 
     def _collect(self, tasks) -> None:
         for task in tasks:
-            if len(task.sequences) == task.rows and not getattr(task, "_yielded", False):
-                task._yielded = True
+            if len(task.sequences) == task.rows and not task.yielded:
+                task.yielded = True
                 self.done.append((task.request, task.output()))
 
     # ------------------------------------------------------------------ failures
