@@ -16,6 +16,7 @@ from simple_generation.engines import EngineContext, engine_class
 from simple_generation.engines.continuous import ContinuousEngine
 from simple_generation.requests import GenerationParams, Request
 from simple_generation.sampling import SeededSampler, greedy_config
+from simple_generation.scheduling import BatchFailed
 
 from .prompts import PROMPTS
 from .reference import hf_greedy, load_reference
@@ -329,8 +330,9 @@ def test_out_of_memory_at_one_slot_is_an_error(llama):
     hook = OOMOnce(rows=1)
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with pytest.raises(torch.OutOfMemoryError):
+        with pytest.raises(BatchFailed) as failed:
             list(ContinuousEngine(model, tokenizer, max_slots=1).run(requests))
+        assert failed.value.request_ids == [0] and isinstance(failed.value.cause, torch.OutOfMemoryError)
         hook.fired = False
         results = list(ContinuousEngine(model, tokenizer, max_slots=1).run(requests, isolate_errors=True))
     finally:
@@ -345,8 +347,9 @@ def test_isolate_errors_fails_only_the_bad_request(llama):
     requests = [Request(id=i, token_ids=p, params=params, max_new_tokens=b)
                 for i, (p, b) in enumerate(zip(prompts, budgets))]
     requests.append(Request(id=99, token_ids=[5, model.config.vocab_size + 50, 6], params=params, max_new_tokens=3))
-    with pytest.raises(IndexError):
+    with pytest.raises(BatchFailed) as failed:  # the façade's signal: these requests failed, keep the rest
         list(ContinuousEngine(model, tokenizer, max_slots=3).run(requests))
+    assert 99 in failed.value.request_ids and isinstance(failed.value.cause, IndexError)
     results = dict((r.id, o) for r, o in ContinuousEngine(model, tokenizer, max_slots=3).run(
         requests, isolate_errors=True))
     assert sorted(results) == [0, 1, 2, 3, 4, 5, 99]

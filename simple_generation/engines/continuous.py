@@ -42,7 +42,7 @@ from transformers import DynamicCache, LogitsProcessorList
 
 from ..requests import EngineOutput, FinishReason, GenerationParams, Request
 from ..sampling import greedy_config, gumbel_noise, warpers
-from ..scheduling import is_out_of_memory
+from ..scheduling import BatchFailed, is_out_of_memory
 from .base import EngineContext, EngineStats
 
 logger = logging.getLogger("simple_generation")
@@ -329,7 +329,7 @@ class _Scheduler:
             elif self.isolate_errors:
                 self._isolate(err, involved, admitting)
             else:
-                raise
+                raise BatchFailed([r.id for r in involved], err) from err
 
     def _should_admit(self) -> bool:
         if not self.waiting:
@@ -606,7 +606,7 @@ class _Scheduler:
 
     def _fail(self, requests: list[Request], err: BaseException) -> None:
         if not self.isolate_errors:
-            raise err
+            raise BatchFailed([r.id for r in requests], err) from err
         for request in requests:
             self.done.append((request, EngineOutput(error=f"{type(err).__name__}: {err}")))
 
@@ -620,6 +620,7 @@ class _Scheduler:
             try:
                 alone = list(_Scheduler(self.engine, [request], isolate_errors=False, max_slots=1).run())
             except Exception as alone_err:  # noqa: BLE001 - this request fails on its own
-                self.done.append((request, EngineOutput(error=f"{type(alone_err).__name__}: {alone_err}")))
+                cause = alone_err.cause if isinstance(alone_err, BatchFailed) else alone_err
+                self.done.append((request, EngineOutput(error=f"{type(cause).__name__}: {cause}")))
                 continue
             self.done.extend(alone)
