@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,6 +172,7 @@ def _cluster():
         ray.shutdown()
         for process in reversed(nodes):
             _stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
