@@ -219,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--starting-batch-size", type=_positive_int, help='first batch size tried by "auto"')
 
     cluster = run.add_argument_group("cluster (Ray)")
-    cluster.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
-                         help='run over a Ray cluster (ADDRESS: "auto", ray://host:10001; none: a local Ray)')
+    cluster.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                         help='run over a Ray cluster (ADDRESS: "auto" for the running one, ray://host:10001, '
+                              'host:6379; no ADDRESS: start a local Ray)')
     cluster.add_argument("--replicas", type=_positive_int, help="Ray actors, each holding one model (default 1)")
     cluster.add_argument("--gpus-per-replica", type=_float_in(0, None), help="GPUs per Ray actor (default 0)")
     run.set_defaults(func=cmd_run)
