@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--skip-unsorted", action="store_true")
+    parser.add_argument("--fixed", type=int, default=0, help="every budget this many tokens (fixed-length workload)")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved repetitions; the fastest counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,6 +89,8 @@ def main() -> None:
     model = LlamaForCausalLM(config).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     prompts, budgets = workload(args.prompts, config.vocab_size)
+    if args.fixed:
+        budgets = [args.fixed] * len(budgets)
     useful = sum(budgets)
     print(f"model {params:.0f}M params, {args.threads} threads; {len(prompts)} prompts "
           f"({min(map(len, prompts))}-{max(map(len, prompts))} tokens), budgets {min(budgets)}-{max(budgets)} "
