@@ -7,6 +7,7 @@ the tiny models actually produce); nothing is mocked but the out-of-memory error
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -195,6 +196,48 @@ def test_seeded_samples_do_not_depend_on_slots(llama):
     wide = {r.id: o.sequences for r, o in run_engine(model, tokenizer, requests, max_slots=12)[1]}
     narrow = {r.id: o.sequences for r, o in run_engine(model, tokenizer, requests, max_slots=2)[1]}
     assert wide == narrow and len(wide) == 4
+
+
+def test_requests_with_different_parameters_share_the_batch(llama):
+    """Per-request parameters: greedy, greedy with a penalty and seeded sampling in one run."""
+    model, tokenizer = llama
+    prompts, budgets = random_prompts(model.config.vocab_size, 6, seed=4)
+    configs = [GenerationConfig(do_sample=False, eos_token_id=None),
+               GenerationConfig(do_sample=False, eos_token_id=None, repetition_penalty=1.5),
+               GenerationConfig(do_sample=True, temperature=0.9, num_return_sequences=2, eos_token_id=None)]
+    params = [GenerationParams(config=c, call_kwargs={}, stop_strings=(), seed=5, fingerprint=str(i))
+              for i, c in enumerate(configs)]
+    requests = [Request(id=i, token_ids=p, params=params[i % 3], max_new_tokens=b, seed=i)
+                for i, (p, b) in enumerate(zip(prompts, budgets))]
+    engine, results = run_engine(model, tokenizer, requests, max_slots=4)
+    for request, output in results:
+        config = request.params.config
+        if config.do_sample:
+            single = greedy_config(config)
+            single.num_return_sequences = 1
+            expected = [unbatched(model, request.token_ids, single, request.max_new_tokens, logits_processor=
+                                  LogitsProcessorList([SeededSampler(config, [(request.seed, j)])]))[0]
+                        for j in range(2)]
+        else:
+            expected = unbatched(model, request.token_ids, config, request.max_new_tokens)
+        assert output.sequences == expected, request.id
+
+
+def test_lora_adapter_equals_unbatched(llama):
+    peft = pytest.importorskip("peft")
+    model, tokenizer = llama
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    prompts, budgets = random_prompts(model.config.vocab_size, 5, seed=6)
+    config = GenerationConfig(do_sample=False, eos_token_id=None)
+    params = GenerationParams(config=config, call_kwargs={}, stop_strings=(), seed=None, fingerprint="x")
+    engine = ContinuousEngine(lora, tokenizer, max_slots=2)
+    assert engine.unsupported(params) is None
+    requests = [Request(id=i, token_ids=p, params=params, max_new_tokens=b)
+                for i, (p, b) in enumerate(zip(prompts, budgets))]
+    for request, output in engine.run(requests):
+        assert output.sequences == unbatched(lora, request.token_ids, config, request.max_new_tokens), request.id
 
 
 # ---------------------------------------------------------------------------------------------- stop strings

@@ -154,7 +154,9 @@ class ContinuousEngine:
         self.max_batch_tokens = max_batch_tokens
         self.refill_fraction = float(refill_fraction)
         self.stats = EngineStats(batch_size=max_slots)
-        forward = inspect.signature(model.forward).parameters if model is not None else {}
+        # a peft model forwards every keyword to the model it wraps: read that one's signature
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        forward = inspect.signature(base.forward).parameters if base is not None else {}
         self._forward_params = set(forward)
         self._logits_to_keep = "logits_to_keep" in forward
         # transformers >= 5.2x calls it ``cache``, earlier versions ``past_key_values``
