@@ -79,6 +79,15 @@ def _eos_ids(config) -> frozenset[int]:
     return frozenset([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
 
 
+def _select_rows(cache: DynamicCache, index: torch.Tensor, start: int = 0) -> None:
+    """Keep the batch rows ``index`` (and the columns from ``start`` on) of every layer, wherever it lives."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:
+            continue
+        layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[..., start:, :]
+        layer.values = layer.values.index_select(0, index.to(layer.values.device))[..., start:, :]
+
+
 @dataclass
 class _Task:
     """One request in flight: its rows' outputs as they finish."""
@@ -406,7 +415,7 @@ class _Scheduler:
         index = torch.tensor(source, dtype=torch.long, device=logits.device)
         if len(source) != len(ready) or source != list(range(len(ready))):
             logits = logits.index_select(0, index)
-            cache.batch_select_indices(index.to(cache.layers[0].keys.device))
+            _select_rows(cache, index)
             mask = mask.index_select(0, index.cpu())
         lengths = mask.sum(-1)
         tokens = self._choose(new_rows, logits)
@@ -415,7 +424,7 @@ class _Scheduler:
         if keep:
             keep_index = torch.tensor(keep, dtype=torch.long)
             if len(keep) != len(new_rows):
-                cache.batch_select_indices(keep_index.to(cache.layers[0].keys.device))
+                _select_rows(cache, keep_index)
                 mask = mask.index_select(0, keep_index)
                 lengths = lengths.index_select(0, keep_index)
             self._merge([new_rows[i] for i in keep], cache, mask.to(self.device), lengths.to(self.device))
@@ -504,9 +513,7 @@ class _Scheduler:
         mask = self.mask.index_select(0, index)
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[..., start:, :]
-            layer.values = layer.values.index_select(0, index.to(layer.values.device))[..., start:, :]
+        _select_rows(self.cache, index, start)
         self.mask = mask[:, start:]
         self.lengths = self.lengths.index_select(0, index)
         self.rows = [self.rows[i] for i in keep]
