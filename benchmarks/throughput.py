@@ -25,6 +25,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -151,13 +152,18 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the unbatched fidelity reference")
     parser.add_argument("--bf16", action="store_true", help="also measure bf16 batched-vs-unbatched agreement")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=14)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # answer lengths are forced with min_new_tokens above a row's own budget: HF warns about that, harmlessly
+    warnings.filterwarnings("ignore", message="Unfeasible length constraints")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    size = dict(hidden=256, layers=4, heads=4) if args.quick else dict(hidden=768, layers=14, heads=12)
+    size = dict(hidden=256, layers=4, heads=4) if args.quick else dict(hidden=args.hidden, layers=args.layers,
+                                                                      heads=max(1, args.hidden // 64))
     if args.quick:
         args.prompts = min(args.prompts, 64)
     model_dir = Path(args.model_dir or tempfile.mkdtemp(prefix="sg-bench-"))

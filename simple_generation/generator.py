@@ -107,12 +107,15 @@ class SimpleGenerator:
         self.model_name_or_path = str(model_name_or_path)
         runtime_engine = engine not in ("auto", "static", "continuous")
         engine_kwargs: dict[str, Any] = {}
-        if runtime_engine:
+        if engine != "auto":
             cls = engine_class(engine)
             problem = cls.available()
             if problem is not None:
                 raise ValueError(f"engine={engine!r} cannot run here: {problem}")
+            # the engine's own options (vLLM's tensor_parallel_size, the continuous engine's max_slots...)
             engine_kwargs = {k: model_kwargs.pop(k) for k in list(model_kwargs) if cls.accepts_kwarg(k)}
+        self._requested_engine = engine
+        self._engine_kwargs = engine_kwargs
         if runtime_engine:
             config = load_config(model_name_or_path, **model_kwargs)
             self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
@@ -190,7 +193,8 @@ class SimpleGenerator:
             cls = engine_class(name)
             self._engines[name] = cls.create(EngineContext(
                 model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
-                is_encoder_decoder=self.is_encoder_decoder, model=self.model))
+                is_encoder_decoder=self.is_encoder_decoder, model=self.model,
+                engine_kwargs=self._engine_kwargs if name == self._requested_engine else {}))
         return self._engines[name]
 
     def _engine_for(self, requests: Sequence, show_reason: bool = True):

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 from .config import DefaultGenerationConfig, build_generation_config, split_generation_kwargs
+from .io.records import normalize_stop
 from .requests import GenerationParams
 
 PER_PROMPT_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop_strings", "seed",
@@ -25,18 +26,6 @@ _NOT_ANSWER_RELEVANT = {"transformers_version", "_from_model_config", "_commit_h
                         "output_scores", "output_logits", "output_attentions", "output_hidden_states",
                         "compile_config", "disable_compile", "cache_implementation", "cache_config",
                         "return_legacy_cache", "use_cache"}
-
-
-def normalize_stop(value: Any, where: str) -> list[str] | None:
-    """``stop``/``stop_strings`` as a list of non-empty strings (None when not given)."""
-    if value is None:
-        return None
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{where}: `stop` must be a string or a list of strings, got {value!r}.")
-    if any(v == "" for v in values):
-        raise ValueError(f"{where}: an empty stop string would end every answer before it starts; remove it.")
-    return list(values)
 
 
 def normalize_overrides(values: Mapping[str, Any], where: str, allowed: tuple[str, ...] | None = None

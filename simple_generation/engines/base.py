@@ -16,6 +16,22 @@ from typing import Any, Protocol, runtime_checkable
 from ..requests import EngineOutput, GenerationParams, Request
 
 
+def input_device(model) -> Any:
+    """Where a model's inputs go: its input embeddings' device (the first layer's, with a device_map)."""
+    import torch
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        return model.device
+    # accelerate's offload hooks run the layer elsewhere than where its (meta) weights sit
+    hook = getattr(embeddings, "_hf_hook", None)
+    execution_device = getattr(hook, "execution_device", None)
+    if execution_device is not None:
+        return torch.device(execution_device)
+    device = embeddings.weight.device
+    return device if device.type != "meta" else torch.device("cpu")
+
+
 @dataclass
 class EngineStats:
     """Counters an engine updates while it runs (read after the stream ends)."""

@@ -43,7 +43,7 @@ from transformers import DynamicCache, LogitsProcessorList
 from ..requests import EngineOutput, FinishReason, GenerationParams, Request
 from ..sampling import greedy_config, gumbel_noise, warpers
 from ..scheduling import BatchFailed, is_out_of_memory
-from .base import EngineContext, EngineStats
+from .base import EngineContext, EngineStats, input_device
 
 logger = logging.getLogger("simple_generation")
 
@@ -259,16 +259,8 @@ class ContinuousEngine:
     # ------------------------------------------------------------------ helpers
     @property
     def input_device(self) -> torch.device:
-        """Where the inputs go: the input embeddings' device (the first layer's, with a device_map)."""
-        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        if embeddings is None:
-            return self.model.device
-        hook = getattr(embeddings, "_hf_hook", None)
-        execution_device = getattr(hook, "execution_device", None)
-        if execution_device is not None:
-            return torch.device(execution_device)
-        device = embeddings.weight.device
-        return device if device.type != "meta" else torch.device("cpu")
+        """Where the inputs go (see :func:`~simple_generation.engines.base.input_device`)."""
+        return input_device(self.model)
 
     def forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         """One forward pass; the float32 logits of each row's last position, shape (rows, vocab)."""

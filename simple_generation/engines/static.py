@@ -19,7 +19,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from ..requests import EngineOutput, GenerationParams, Request
 from ..sampling import SeededSampler, greedy_config
 from ..scheduling import BatchFailed, is_out_of_memory, release_memory
-from .base import EngineContext, EngineStats
+from .base import EngineContext, EngineStats, input_device
 
 logger = logging.getLogger("simple_generation")
 
@@ -81,17 +81,8 @@ class StaticEngine:
     # ------------------------------------------------------------------ inputs
     @property
     def input_device(self) -> torch.device:
-        """Where the inputs go: the input embeddings' device (the first layer's, with a device_map)."""
-        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        if embeddings is None:
-            return self.model.device
-        # accelerate's offload hooks run the layer elsewhere than where its (meta) weights sit
-        hook = getattr(embeddings, "_hf_hook", None)
-        execution_device = getattr(hook, "execution_device", None)
-        if execution_device is not None:
-            return torch.device(execution_device)
-        device = embeddings.weight.device
-        return device if device.type != "meta" else torch.device("cpu")
+        """Where the inputs go (see :func:`~simple_generation.engines.base.input_device`)."""
+        return input_device(self.model)
 
     def pad(self, token_ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids in token_ids)

@@ -18,6 +18,18 @@ class InputError(ValueError):
     """An input file or record that cannot be used; the message starts with ``file:line:``."""
 
 
+def normalize_stop(value: Any, where: str, error: type[ValueError] = ValueError) -> list[str] | None:
+    """``stop``/``stop_strings`` as a list of non-empty strings (None when not given)."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise error(f"{where}: `stop` must be a string or a list of strings, got {value!r}.")
+    if any(v == "" for v in values):
+        raise error(f"{where}: an empty stop string would end every answer before it starts; remove it.")
+    return list(values)
+
+
 # Record keys that are generation parameters (canonical name -> kind). Aliases are mapped first.
 PARAM_KINDS: dict[str, str] = {
     "max_new_tokens": "int>=1",
@@ -95,12 +107,7 @@ def validate_param(key: str, value: Any, where: str, *, from_text: bool = False)
                 value = json.loads(value)
             except ValueError:
                 pass
-        values = [value] if isinstance(value, str) else value
-        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
-            raise InputError(f"{where}: `stop` must be a string or a list of strings, got {value!r}.")
-        if any(v == "" for v in values):
-            raise InputError(f"{where}: an empty stop string would end every answer before it starts.")
-        return list(values)
+        return normalize_stop(value, where, InputError)
     if kind == "bool":
         if from_text and isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
             return value.strip().lower() in ("true", "1")
