@@ -184,7 +184,7 @@ def main() -> None:
     generators = [("simple-generation static engine", static, {"batch_size": args.batch_size})]
     try:
         continuous = SimpleGenerator(str(model_dir), device="cpu", track_emissions=False, engine="continuous")
-        generators.append(("simple-generation continuous engine", continuous, {"batch_size": args.batch_size}))
+        generators.append(("simple-generation continuous engine (64 slots)", continuous, {}))
     except (ValueError, ImportError) as err:
         print(f"(no continuous engine: {err})")
     generators.append((f"simple-generation default (engine {default.engine_name}, batch auto)", default, {}))

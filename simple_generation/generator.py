@@ -379,7 +379,7 @@ class SimpleGenerator:
         generated = {"tokens": 0}
         progress = tqdm(total=plan.n_inputs, desc="Generating", unit="prompt",
                         disable=not show_progress_bar or not distribution.is_main or plan.n_inputs == 0)
-        last_logged = {"batches": 0}
+        last_logged = {"answers": 0}
 
         def emit(result: GenerationResult) -> GenerationResult:
             done[result.index] = result
@@ -402,10 +402,13 @@ class SimpleGenerator:
                                 logger.info("compile_model: the first batch took %.1f s, torch.compile included "
                                             "(each new batch shape compiles again, then runs from the cache).",
                                             time.perf_counter() - started)
-                            batches = engine.stats.batches
-                            if log_batch_sample > 0 and batches // log_batch_sample > last_logged["batches"]:
-                                last_logged["batches"] = batches // log_batch_sample
-                                logger.info("Sample from batch %d: %r", batches, answer.texts[:1])
+                            # one sample every `log_batch_sample` batches' worth of answers (a batch: the static
+                            # engine's batch size, the continuous engine's slots)
+                            last_logged["answers"] = last_logged.get("answers", 0) + 1
+                            every = log_batch_sample * max(1, engine.stats.batch_size)
+                            if log_batch_sample > 0 and last_logged["answers"] % every == 0:
+                                logger.info("Sample from batch %d: %r", last_logged["answers"] // max(
+                                    1, engine.stats.batch_size), answer.texts[:1])
                             for result in fan_out(plan, slot, answer):
                                 yield emit(result)
                     else:

@@ -113,11 +113,15 @@ def test_seeded_sampling_same_after_resume(gen, tmp_path):
     assert gen.last_run.cached == 3
 
 
-def test_per_prompt_max_new_tokens_in_one_batch(gen, llama_path):
+@pytest.mark.parametrize("engine", ["static", "continuous"])
+def test_per_prompt_max_new_tokens_in_one_batch(llama_path, engine):
+    gen = SimpleGenerator(llama_path, device="cpu", track_emissions=False, engine=engine)
     prompts = PROMPTS[:4]
     params = [{"max_new_tokens": 3}, None, {"max_tokens": 3}, None]
     results = gen.generate(prompts, params=params, max_new_tokens=12, min_new_tokens=3, batch_size=8, **GREEDY)
-    assert gen.last_run.batches == 1
+    assert gen.last_run.engine == engine
+    if engine == "static":
+        assert gen.last_run.batches == 1
     assert [r.completion_tokens <= 3 for r in results] == [True, False, True, False]
     reference = load_reference(llama_path)
     for r, p, budget in zip(results, prompts, (3, 12, 3, 12)):

@@ -163,6 +163,7 @@ class ContinuousEngine:
         self.max_batch_tokens = max_batch_tokens
         self.refill_fraction = float(refill_fraction)
         self.stats = EngineStats(batch_size=max_slots)
+        self._call_slots: int | None = None
         # a peft model forwards every keyword to the model it wraps: read that one's signature
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         forward = inspect.signature(base.forward).parameters if base is not None else {}
@@ -246,6 +247,11 @@ class ContinuousEngine:
             return f"model.generate arguments it cannot honour: {', '.join(extra)}"
         return None
 
+    def configure(self, batch_size: int, auto: bool, sort: bool = True) -> None:
+        """Per call (the façade): an explicit ``batch_size`` caps the slots; ``"auto"`` keeps ``max_slots``."""
+        self._call_slots = None if auto else min(batch_size, self.max_slots)
+        self.stats = EngineStats(batch_size=self._call_slots or self.max_slots)
+
     def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
             ) -> Iterator[tuple[Request, EngineOutput]]:
         if not requests:
@@ -254,7 +260,7 @@ class ContinuousEngine:
             reason = self.unsupported(request.params)
             if reason:
                 raise ValueError(f"The continuous engine cannot run request {request.id}: {reason}.")
-        yield from _Scheduler(self, requests, isolate_errors).run()
+        yield from _Scheduler(self, requests, isolate_errors, max_slots=self._call_slots).run()
 
     # ------------------------------------------------------------------ helpers
     @property
