@@ -306,3 +306,24 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(llama_path, tmp_
     assert out.read_text(encoding="utf-8") == reference.read_text(encoding="utf-8")
     cached = int(re.search(r"(\d+) from the store", rerun.stderr).group(1))
     assert cached >= len(written)  # what was written before the kill was not generated again
+
+
+def test_readme_main_job_command_runs(llama_path, tmp_path):
+    """The README's first command (after set-up) runs as written, on a tiny model, and a rerun resumes."""
+    import shlex
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if line.startswith("bash scripts/setup.sh && python -m "
+                                                                       "simple_generation.tiny"))
+    command = shlex.split(line.split("&& simple-generation ", 1)[1])
+    command = [llama_path if arg == "/tmp/tiny-llama" else str(tmp_path / "answers.jsonl")
+               if arg == "/tmp/answers.jsonl" else arg for arg in command]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).parent.parent
+    for _ in range(2):
+        result = subprocess.run(CLI + command + ["--no-emissions"], env=env, cwd=root, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        records = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+        assert len(records) == 6 and all(r["error"] is None for r in records)
+    assert "6 from the store" in result.stderr
