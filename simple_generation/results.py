@@ -63,8 +63,8 @@ class RunSummary:
     sequences: int = 0
     generated_tokens: int = 0
     wall_time_s: float = 0.0
-    batch_size: int = 0
-    batches: int = 0
+    batch_size: int = 0        # the static engine's (last) batch size, the continuous engine's slots
+    batches: int = 0           # static: batches run; continuous: forward passes (prefills and decoding steps)
     oom_retries: int = 0
     energy_kwh: float | None = None
     emissions_kg_co2eq: float | None = None

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             record["last_run"][case] = {"prompts": run.prompts, "generated_tokens": run.generated_tokens,
                                         "batches": run.batches, "batch_size": run.batch_size,
                                         "oom_retries": run.oom_retries, "energy_kwh": run.energy_kwh,
-                                        "cached": run.cached}
+                                        "cached": run.cached, "engine": run.engine}
     except Exception as err:
         (out / f"rank{distribution.rank}.error.json").write_text(json.dumps(
             {"type": type(err).__name__, "message": str(err),

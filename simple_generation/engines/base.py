@@ -32,6 +32,23 @@ def input_device(model) -> Any:
     return device if device.type != "meta" else torch.device("cpu")
 
 
+def runtime_unsupported(params: GenerationParams, engine: str, unsupported_fields: dict[str, Any]) -> str | None:
+    """What engines with their own runtime (vLLM, OpenVINO) share: no ``generate()`` arguments (the
+    tokenizer the façade adds for stop strings aside: they are cut afterwards), no HF beam search, no
+    HF-only generation settings (``unsupported_fields`` maps each to its neutral value)."""
+    extra = sorted(k for k in params.call_kwargs if k != "tokenizer")
+    if extra:
+        return f"the {engine} engine cannot take generate() arguments {extra} (logits processors, streamers...): " \
+               "use an HF engine"
+    if params.num_beams > 1:
+        return f"the {engine} engine does not run HF-style beam search: use an HF engine for num_beams > 1"
+    for name, neutral in unsupported_fields.items():
+        value = getattr(params.config, name, neutral)
+        if value is not None and value != neutral:
+            return f"the {engine} engine has no equivalent of the generation setting {name}={value!r}"
+    return None
+
+
 @dataclass
 class EngineStats:
     """Counters an engine updates while it runs (read after the stream ends)."""

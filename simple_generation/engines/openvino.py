@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..requests import EngineOutput, GenerationParams, Request
-from .base import EngineContext, EngineStats
+from .base import EngineContext, EngineStats, runtime_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -270,21 +270,10 @@ class OpenVINOEngine:
 
     # -- parameters ---------------------------------------------------------------------------------
     def unsupported(self, params: GenerationParams) -> str | None:
-        # the façade adds the tokenizer for HF's stop-string criteria; stop strings are cut afterwards here
-        extra = sorted(k for k in params.call_kwargs if k != "tokenizer")
-        if extra:
-            return (f"the OpenVINO engine cannot take generate() arguments {extra} "
-                    "(logits processors, streamers...): use an HF engine")
-        if params.num_beams > 1:
-            return "the OpenVINO engine does not run beam search the way HF does: use an HF engine for num_beams > 1"
-        config = params.config
-        for field, default in _UNSUPPORTED_FIELDS.items():
-            value = getattr(config, field, default)
-            if value is not None and value != default:
-                return f"the OpenVINO engine has no equivalent of the generation setting {field}={value!r}"
-        if getattr(config, "num_beam_groups", 1) not in (None, 1):
-            return "the OpenVINO engine does not run group beam search"
-        return None
+        problem = runtime_unsupported(params, "OpenVINO", _UNSUPPORTED_FIELDS)
+        if problem is None and getattr(params.config, "num_beam_groups", 1) not in (None, 1):
+            problem = "the OpenVINO engine does not run group beam search"
+        return problem
 
     def generation_config(self, request: Request):
         """OpenVINO's GenerationConfig for one request (its own budget, seed and stop tokens)."""

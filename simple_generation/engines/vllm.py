@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ..requests import EngineOutput, GenerationParams, Request
-from .base import EngineContext, EngineStats
+from .base import EngineContext, EngineStats, runtime_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -239,17 +239,7 @@ class VLLMEngine:
 
     # -- parameters ---------------------------------------------------------------------------------
     def unsupported(self, params: GenerationParams) -> str | None:
-        extra = sorted(k for k in params.call_kwargs if k != "tokenizer")
-        if extra:
-            return (f"the vLLM engine cannot take generate() arguments {extra} (logits processors, streamers...): "
-                    "use an HF engine")
-        if params.num_beams > 1:
-            return "the vLLM engine does not run HF-style beam search: use an HF engine for num_beams > 1"
-        for field, default in _UNSUPPORTED_FIELDS.items():
-            value = getattr(params.config, field, default)
-            if value is not None and value != default:
-                return f"the vLLM engine has no equivalent of the generation setting {field}={value!r}"
-        return None
+        return runtime_unsupported(params, "vLLM", _UNSUPPORTED_FIELDS)
 
     def sampling_params(self, request: Request):
         hf = request.params.config
