@@ -87,16 +87,28 @@ class ResultStore:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"The store's folder {directory!r} does not exist; create it or pick another "
                                     "path.")
-        try:
-            self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout = 60000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        except sqlite3.DatabaseError as err:
-            raise ValueError(f"{self.path!r} is not a usable simple-generation store ({err}). Pass another "
-                             "path, or delete the file to start over.") from err
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        # Several processes (accelerate launch ranks) may open a new store at once: switching to WAL and
+        # creating the tables take a lock that SQLite may refuse at once rather than wait for; retry.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self._db.execute("PRAGMA busy_timeout = 60000")
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = NORMAL")
+                self._db.executescript(_SCHEMA)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err) or time.monotonic() > deadline:
+                    self._db.close()
+                    raise ValueError(f"{self.path!r} is not a usable simple-generation store ({err}). Pass another "
+                                     "path, or delete the file to start over.") from err
+                time.sleep(0.05)
+            except sqlite3.DatabaseError as err:
+                self._db.close()
+                raise ValueError(f"{self.path!r} is not a usable simple-generation store ({err}). Pass another "
+                                 "path, or delete the file to start over.") from err
 
     def get_many(self, keys: Sequence[str], include_errors: bool = False) -> dict[str, StoredAnswer]:
         """The stored answers among ``keys`` (failed ones only with ``include_errors``)."""
