@@ -433,12 +433,26 @@ def _tiny_causal(arch: str):
         "phi": lambda: tf.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, partial_rotary_factor=0.5, **common),
         "gemma": lambda: tf.GemmaConfig(head_dim=16, **llama_like, **common),
+        "falcon": lambda: tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          new_decoder_architecture=False, multi_query=True, alibi=False, **common),
+        "gptj": lambda: tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256, vocab_size=300,
+                                      initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        "gpt_bigcode": lambda: tf.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=300,
+                                                   initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+                                                   pad_token_id=0),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=16, **llama_like, **common),
+        "phi3": lambda: tf.Phi3Config(**{**llama_like, "num_key_value_heads": 4}, **common),
+        "llama3_rope": lambda: tf.LlamaConfig(rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}, **llama_like, **common),
+        "gemma2": lambda: tf.Gemma2Config(head_dim=16, **llama_like, **common),
     }
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(configs[arch]()).eval()
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt_neox", "qwen2", "mistral", "phi", "gemma"])
+@pytest.mark.parametrize("arch", ["opt", "gpt_neox", "qwen2", "mistral", "phi", "gemma", "falcon", "gptj",
+                                  "gpt_bigcode", "qwen3", "phi3", "llama3_rope", "gemma2"])
 def test_other_architectures_greedy_equal_unbatched(arch):
     model = _tiny_causal(arch)
     engine = ContinuousEngine(model, None, max_slots=3)
