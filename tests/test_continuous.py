@@ -19,13 +19,9 @@ from simple_generation.requests import GenerationParams, Request
 from simple_generation.sampling import SeededSampler, greedy_config
 from simple_generation.scheduling import BatchFailed
 
+from .engine_params import make_params
 from .prompts import PROMPTS
 from .reference import hf_greedy, load_reference
-
-
-def make_params(**config) -> GenerationParams:
-    return GenerationParams(config=GenerationConfig(**config), call_kwargs={}, stop_strings=(), seed=None,
-                            fingerprint="x")
 
 
 def random_prompts(vocab: int, count: int, seed: int = 0, low: int = 3) -> tuple[list[list[int]], list[int]]:

@@ -13,22 +13,16 @@ pytest.importorskip("optimum.intel")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from simple_generation.engines import engine_class  # noqa: E402
 from simple_generation.engines.base import EngineContext  # noqa: E402
-from simple_generation.requests import GenerationParams, Request  # noqa: E402
+from simple_generation.requests import Request  # noqa: E402
 
+from .engine_params import make_params  # noqa: E402
 from .prompts import PROMPTS  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def make_params(**config) -> GenerationParams:
-    fields = {f.name for f in dataclasses.fields(GenerationParams)}
-    extra = {"batch_key": ""} if "batch_key" in fields else {}
-    return GenerationParams(config=GenerationConfig(**config), call_kwargs={}, stop_strings=(), seed=None,
-                            fingerprint=repr(sorted(config.items())), **extra)
 
 
 @pytest.fixture(scope="module")
