@@ -124,21 +124,24 @@ class PromptFormatter:
         add_generation_prompt = self.add_generation_prompt and messages[-1]["role"] == "user"
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def format_checked(self, index: int, item: str | list[Message]) -> str:
+        """``format_one``, with a template's refusal as a ValueError naming ``texts[index]``."""
+        try:
+            return self.format_one(item)
+        except Exception as err:
+            if self.template is not None and isinstance(err, ValueError):
+                raise ValueError(f"The template {self.template.name!r} cannot format texts[{index}]: {err}") from err
+            if self.template is not None or type(err).__name__ != "TemplateError":
+                raise
+            # jinja's TemplateError: the chat template itself refused (raise_exception in the template)
+            raise ValueError(
+                f"The tokenizer's chat template rejected texts[{index}]: {err}. Some templates accept no "
+                "system message or need user/assistant turns to alternate; adjust the conversation or "
+                "system_message."
+            ) from err
+
     def format(self, inputs: Sequence[str | list[Message]]) -> list[str]:
-        formatted = []
-        for index, item in enumerate(inputs):
-            try:
-                formatted.append(self.format_one(item))
-            except Exception as err:
-                if self.template is not None or type(err).__name__ != "TemplateError":
-                    raise
-                # jinja's TemplateError: the chat template itself refused (raise_exception in the template)
-                raise ValueError(
-                    f"The tokenizer's chat template rejected texts[{index}]: {err}. Some templates accept no "
-                    "system message or need user/assistant turns to alternate; adjust the conversation or "
-                    "system_message."
-                ) from err
-        return formatted
+        return [self.format_checked(index, item) for index, item in enumerate(inputs)]
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids; a prompt whose text already starts with the BOS token gets no second one."""

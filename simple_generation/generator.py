@@ -73,7 +73,6 @@ class SimpleGenerator:
             ``BitsAndBytesConfig``.
     """
 
-
     def __init__(
         self,
         model_name_or_path: str,
@@ -176,7 +175,7 @@ class SimpleGenerator:
         self.emissions_dir = emissions_dir
         self.defaults = generation_defaults or DefaultGenerationConfig()
         self._model_generation_config = model_generation_config
-        self.context_length = _context_length_of(self.model, self.config)
+        self.context_length = context_length(self.config)
         self._forward_params = set(inspect.signature(self.model.forward).parameters) if self.model is not None \
             else set()
         self.model_identity = _model_identity(self.model_name_or_path, tokenizer_name_or_path, self.config,
@@ -197,16 +196,16 @@ class SimpleGenerator:
                 engine_kwargs=self._engine_kwargs if name == self._requested_engine else {}))
         return self._engines[name]
 
-    def _engine_for(self, requests: Sequence, show_reason: bool = True):
+    def _engine_for(self, requests: Sequence):
         """The first engine of the preference order that supports every request of the call."""
         reasons = []
         distinct = {id(r.params): r.params for r in requests}.values()
         for name in self._engine_order:
-            engine = self._engine(name) if name not in self._engines else self._engines[name]
+            engine = self._engine(name)
             problems = [p for p in (engine.unsupported(params) for params in distinct) if p]
             if not problems:
                 why = self.engine_reason if not reasons else f"{reasons[-1]}; fell back to {name}"
-                if reasons and show_reason:
+                if reasons:
                     logger.info("Engine: %s", why)
                 return engine, why
             reasons.append(f"{name} does not support this call ({problems[0]})")
@@ -379,7 +378,7 @@ class SimpleGenerator:
         generated = {"tokens": 0}
         progress = tqdm(total=plan.n_inputs, desc="Generating", unit="prompt",
                         disable=not show_progress_bar or not distribution.is_main or plan.n_inputs == 0)
-        last_logged = {"answers": 0}
+        answers_done = 0
 
         def emit(result: GenerationResult) -> GenerationResult:
             done[result.index] = result
@@ -404,11 +403,10 @@ class SimpleGenerator:
                                             time.perf_counter() - started)
                             # one sample every `log_batch_sample` batches' worth of answers (a batch: the static
                             # engine's batch size, the continuous engine's slots)
-                            last_logged["answers"] = last_logged.get("answers", 0) + 1
-                            every = log_batch_sample * max(1, engine.stats.batch_size)
-                            if log_batch_sample > 0 and last_logged["answers"] % every == 0:
-                                logger.info("Sample from batch %d: %r", last_logged["answers"] // max(
-                                    1, engine.stats.batch_size), answer.texts[:1])
+                            answers_done += 1
+                            batch = max(1, engine.stats.batch_size)
+                            if log_batch_sample > 0 and answers_done % (log_batch_sample * batch) == 0:
+                                logger.info("Sample from batch %d: %r", answers_done // batch, answer.texts[:1])
                             for result in fan_out(plan, slot, answer):
                                 yield emit(result)
                     else:
@@ -440,27 +438,21 @@ class SimpleGenerator:
         slots = {slot.request.id: slot for slot in plan.slots}
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].token_ids))
         work = [len(r.token_ids) + r.max_new_tokens * r.params.num_return_sequences for r in requests]
-        stats = {"tokens": 0}
 
         def run_shard(shard: list[int]) -> dict[int, Any]:
             answers = {}
             try:
                 for slot, answer in run_local(plan, engine, [requests[i] for i in shard]):
                     answers[slot.request.id] = answer
-                    stats["tokens"] += answer.completion_tokens
-            except BatchFailed as err:
-                finished = {i: r for i, r in done.items()}
+            except BatchFailed as err:  # with this shard's finished answers on the error's `partial`
+                finished = dict(done)
                 for rid, answer in answers.items():
-                    for result in fan_out(plan, slots[rid], answer):
-                        finished[result.index] = result
-                try:
-                    raise_failed(plan, err, finished)
-                except Exception as failure:
-                    raise failure from None
+                    finished.update((result.index, result) for result in fan_out(plan, slots[rid], answer))
+                raise_failed(plan, err, finished)
             return answers
 
         def local_stats() -> dict:
-            return {"tokens": stats["tokens"], "batches": engine.stats.batches,
+            return {"batches": engine.stats.batches,
                     "batch_size": engine.stats.batch_size, "oom_retries": engine.stats.oom_retries}
 
         sharded = distribution.run(order, work, run_shard, local_stats)
@@ -543,18 +535,6 @@ def _first_token_id(value: int | list[int] | None) -> int | None:
     if isinstance(value, list):
         return value[0] if value else None
     return value
-
-
-def _context_length_of(model, config) -> int | None:
-    if model is not None:
-        return context_length(model)
-
-    class _Holder:  # context_length reads model.config
-        pass
-
-    holder = _Holder()
-    holder.config = config
-    return context_length(holder)
 
 
 def _generation_config_of(model_name_or_path, config, model_kwargs):

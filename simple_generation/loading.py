@@ -128,9 +128,8 @@ def model_class_for(config: PretrainedConfig):
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def context_length(model: PreTrainedModel) -> int | None:
-    """The longest input the model attends to, or None when the architecture sets no bound."""
-    config = model.config
+def context_length(config: PretrainedConfig) -> int | None:
+    """The longest input a model with this config attends to, or None when the architecture sets no bound."""
     if hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=True)
     for name in _CONTEXT_ATTRIBUTES:

@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 
 from .config import DefaultGenerationConfig, build_generation_config, split_generation_kwargs
 from .io.records import normalize_stop
-from .requests import GenerationParams
+from .requests import GenerationParams, token_id_list
 
 PER_PROMPT_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop_strings", "seed",
                    "num_return_sequences", "do_sample", "repetition_penalty")
@@ -120,8 +120,7 @@ class ParamsBuilder:
         stops = config_overrides.pop("stop_strings", None) or []
         stop_strings = tuple(dict.fromkeys([*stops, *self.template_stop_strings]))
         if self.template_stop_ids and "eos_token_id" not in config_overrides:
-            eos = self.model_config.eos_token_id if self.model_config is not None else None
-            eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+            eos = token_id_list(self.model_config.eos_token_id if self.model_config is not None else None)
             config_overrides["eos_token_id"] = eos + [i for i in self.template_stop_ids if i not in eos]
         config = build_generation_config(self.model_config, self.defaults, config_overrides, self.pad_token_id)
         config.stop_strings = list(stop_strings) or None

@@ -4,8 +4,9 @@ inputs -> formatting -> tokenize + validate -> :class:`Request` (keyed) -> store
 dedup (fan-in) -> engine stream -> post-processing -> store commit -> fan-out to input positions.
 
 :func:`plan_call` does everything up to the engine eagerly, so bad input fails before any expensive
-work; :meth:`CallPlan.results` then runs the engine and yields :class:`GenerationResult` objects in
-completion order (cached, failed and near-duplicate prompts first).
+work; :func:`run_local` (or the data-parallel exchange) then runs the engine, :func:`finish_request`
+post-processes and commits each answer, and :func:`fan_out` turns it into :class:`GenerationResult`
+objects for its input positions.
 """
 
 from __future__ import annotations
@@ -122,9 +123,9 @@ def plan_call(
     ready: list[GenerationResult] = []
     failed: set[int] = set()
 
-    def fail(index: int, message: str, exc: type[Exception] = ValueError) -> None:
+    def fail(index: int, message: str) -> None:
         if not record:
-            raise exc(message)
+            raise ValueError(message)
         failed.add(index)
         ready.append(GenerationResult(index=index, error=message))
 
@@ -132,12 +133,9 @@ def plan_call(
     texts: list[str] = [""] * n
     for index, item in enumerate(inputs):
         try:
-            texts[index] = formatter.format_one(item)
-        except Exception as err:  # noqa: BLE001 - a template's refusal, reported per prompt
-            if type(err).__name__ != "TemplateError" and formatter.template is None and not isinstance(err, ValueError):
-                raise
-            fail(index, f"The chat template rejected texts[{index}]: {err}. Some templates accept no system "
-                        "message or need user/assistant turns to alternate; adjust the conversation.")
+            texts[index] = formatter.format_checked(index, item)
+        except ValueError as err:  # a template's refusal, reported per prompt
+            fail(index, str(err))
 
     removed: dict[int, int] = {}
     if near_duplicates is not None:
@@ -216,7 +214,6 @@ def plan_call(
     slots: dict[str, Slot] = {}
     ordered_slots: list[Slot] = []
     deduplicated = 0
-    plan_positions: dict[int, list[int]] = {}
     for index in live:
         key = keys[index]
         answer = stored.get(key)
@@ -238,7 +235,6 @@ def plan_call(
         ordered_slots.append(slot)
         if dedup:
             slots[key] = slot
-        plan_positions[request.id] = slot.positions
     cached = sum(1 for r in ready if r.cached)
     if store is not None:
         logger.info("Store %s: %d of %d prompts already answered; generating the rest.", store.path, cached, n)

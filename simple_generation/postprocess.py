@@ -5,17 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .requests import EngineOutput, Request
+from .requests import EngineOutput, Request, token_id_list
 
 
 def eos_ids_of(config, tokenizer) -> set[int]:
     """The EOS ids generation stops at (the config's, else the tokenizer's)."""
     eos = config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+    return set(token_id_list(eos if eos is not None else tokenizer.eos_token_id))
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:

@@ -17,6 +17,15 @@ from transformers import GenerationConfig
 FinishReason = Literal["stop", "length", "stop_string"]
 
 
+def token_id_list(value: Any) -> list[int]:
+    """A generation config's token id setting (None, an int, a list or a tensor) as a list of ints."""
+    if value is None:
+        return []
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
 @dataclass(frozen=True, eq=False)
 class GenerationParams:
     """Resolved generation settings shared by every request made with them.

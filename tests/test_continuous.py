@@ -19,7 +19,7 @@ from simple_generation.requests import GenerationParams, Request
 from simple_generation.sampling import SeededSampler, greedy_config
 from simple_generation.scheduling import BatchFailed
 
-from .engine_params import make_params
+from .engine_helpers import make_params
 from .prompts import PROMPTS
 from .reference import hf_greedy, load_reference
 

@@ -19,7 +19,7 @@ from simple_generation.engines import engine_class  # noqa: E402
 from simple_generation.engines.base import EngineContext  # noqa: E402
 from simple_generation.requests import Request  # noqa: E402
 
-from .engine_params import make_params  # noqa: E402
+from .engine_helpers import make_params, run_all, trim_eos  # noqa: E402
 from .prompts import PROMPTS  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -64,19 +64,6 @@ def hf_greedy_ids(model, ids, max_new_tokens):
     output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                             max_new_tokens=max_new_tokens, do_sample=False)
     return output[0, len(ids):].tolist()
-
-
-def run_all(engine, requests, **kwargs):
-    outputs = dict()
-    for request, output in engine.run(requests, **kwargs):
-        assert request.id not in outputs, "a request came back twice"
-        outputs[request.id] = output
-    assert sorted(outputs) == sorted(r.id for r in requests)
-    return outputs
-
-
-def trim_eos(ids, eos):
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
 def test_available_and_kwargs():

@@ -24,7 +24,7 @@ from simple_generation.engines.base import EngineContext  # noqa: E402
 from simple_generation.requests import Request  # noqa: E402
 from simple_generation.tiny import build_tiny_checkpoint  # noqa: E402
 
-from .engine_params import make_params  # noqa: E402
+from .engine_helpers import make_params, run_all, trim_eos  # noqa: E402
 from .prompts import PROMPTS  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -55,19 +55,6 @@ def prompt_ids(llama64_path):
 @pytest.fixture(scope="module")
 def hf_model(llama64_path):
     return AutoModelForCausalLM.from_pretrained(llama64_path, dtype=torch.float32).eval()
-
-
-def run_all(engine, requests, **kwargs):
-    outputs = {}
-    for request, output in engine.run(requests, **kwargs):
-        assert request.id not in outputs, "a request came back twice"
-        outputs[request.id] = output
-    assert sorted(outputs) == sorted(r.id for r in requests)
-    return outputs
-
-
-def trim_eos(ids, eos):
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
 def test_kwargs_routing_without_importing_vllm():

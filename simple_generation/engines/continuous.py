@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessorList
 
-from ..requests import EngineOutput, FinishReason, GenerationParams, Request
+from ..requests import EngineOutput, FinishReason, GenerationParams, Request, token_id_list
 from ..sampling import greedy_config, gumbel_noise, warpers
 from ..scheduling import BatchFailed, is_out_of_memory
 from .base import EngineContext, EngineStats, input_device
@@ -71,12 +71,7 @@ def _release_memory() -> None:
 
 
 def _eos_ids(config) -> frozenset[int]:
-    eos = config.eos_token_id
-    if eos is None:
-        return frozenset()
-    if isinstance(eos, torch.Tensor):
-        eos = eos.tolist()
-    return frozenset([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    return frozenset(token_id_list(config.eos_token_id))
 
 
 def _select_rows(cache: DynamicCache, index: torch.Tensor, start: int = 0) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..requests import EngineOutput, GenerationParams, Request
+from ..requests import EngineOutput, GenerationParams, Request, token_id_list
 from .base import EngineContext, EngineStats, runtime_unsupported
 
 logger = logging.getLogger(__name__)
@@ -180,14 +180,6 @@ def export_ir(path_or_id: str, *, weight_format: str = "fp32", cache_dir: str | 
     return target
 
 
-def _token_ids(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
 class OpenVINOEngine:
     """Requests through an OpenVINO GenAI continuous-batching pipeline, each with its own config."""
 
@@ -280,7 +272,7 @@ class OpenVINOEngine:
         hf = request.params.config
         config = self._genai.GenerationConfig()
         config.max_new_tokens = int(request.max_new_tokens)
-        eos = _token_ids(hf.eos_token_id)
+        eos = token_id_list(hf.eos_token_id)
         if eos:
             config.eos_token_id = eos[0]
             config.stop_token_ids = set(eos)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from ..requests import EngineOutput, GenerationParams, Request
+from ..requests import EngineOutput, GenerationParams, Request, token_id_list
 from ..sampling import SeededSampler, greedy_config
 from ..scheduling import BatchFailed, is_out_of_memory, release_memory
 from .base import EngineContext, EngineStats, input_device
@@ -57,7 +57,7 @@ class StaticEngine:
         from ..loading import context_length
 
         # a padded batch runs to its widest prompt plus its largest budget: keep that inside the context
-        self.context_limit = None if is_encoder_decoder else context_length(model)
+        self.context_limit = None if is_encoder_decoder else context_length(model.config)
 
     @classmethod
     def create(cls, context: EngineContext) -> StaticEngine:
@@ -146,8 +146,7 @@ class StaticEngine:
         else:
             rows_list = new_tokens.tolist()
         pad_id = config.pad_token_id
-        eos = config.eos_token_id
-        eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        eos_ids = set(token_id_list(config.eos_token_id))
         if pad_id is not None and pad_id not in eos_ids:
             # rows that finished early (stop strings, own budget) are padded up to the batch's end
             rows_list = [_strip_trailing(row, pad_id) for row in rows_list]

@@ -44,7 +44,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..requests import EngineOutput, GenerationParams, Request
+from ..requests import EngineOutput, GenerationParams, Request, token_id_list
 from .base import EngineContext, EngineStats, runtime_unsupported
 
 logger = logging.getLogger(__name__)
@@ -96,14 +96,6 @@ def _dtype_name(dtype: Any) -> str | None:
     if dtype is None or dtype == "auto":
         return None
     return str(dtype).replace("torch.", "")
-
-
-def _token_ids(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
 
 
 def _cuda_available() -> bool:
@@ -243,7 +235,7 @@ class VLLMEngine:
 
     def sampling_params(self, request: Request):
         hf = request.params.config
-        eos = _token_ids(hf.eos_token_id)
+        eos = token_id_list(hf.eos_token_id)
         kwargs: dict[str, Any] = {
             "n": request.params.num_return_sequences,
             "max_tokens": int(request.max_new_tokens),
