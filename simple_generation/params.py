@@ -77,7 +77,8 @@ def fingerprint_of(config: GenerationConfig, stop_strings: tuple[str, ...], seed
 
 
 class ParamsBuilder:
-    """Builds one :class:`GenerationParams` per distinct parameter set of a call (cached by content).
+    """Builds one :class:`GenerationParams` per distinct parameter set of a call (cached by content; one
+    builder serves one call, whose extra ``generate`` arguments are the same for every prompt).
 
     Example:
         >>> builder = ParamsBuilder(model.generation_config, DefaultGenerationConfig(), 0, tokenizer)  # doctest: +SKIP
@@ -110,8 +111,7 @@ class ParamsBuilder:
 
     def build(self, overrides: dict[str, Any], call_kwargs: Mapping[str, Any] | None = None) -> GenerationParams:
         call_kwargs = dict(call_kwargs or {})
-        cache_key = fingerprint_of(GenerationConfig(), (), None, call_kwargs) + json.dumps(
-            _canonical(overrides), sort_keys=True) + str(id(call_kwargs.get("logits_processor")))
+        cache_key = json.dumps(_canonical(overrides), sort_keys=True)
         cached = self._cache.get(cache_key)
         if cached is not None:
             return cached

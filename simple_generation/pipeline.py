@@ -101,11 +101,12 @@ def plan_call(
                 _check_text(message["content"], f"texts[{index}]")
 
     base, call_kwargs = builder.split_call(generation_kwargs)
+    base_params = builder.build(base, call_kwargs) if n else None
     per_prompt: list[GenerationParams] = []
     for index in range(n):
         own = params[index] if params is not None else None
         if own is None:
-            per_prompt.append(builder.build(base, call_kwargs))
+            per_prompt.append(base_params)
             continue
         if not isinstance(own, dict):
             raise ValueError(f"params[{index}] must be a dict or None, got {type(own).__name__}.")
