@@ -123,6 +123,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="e.g. cpu, cuda, cuda:1, mps (default: chosen for you)")
     group.add_argument("--device-map", help='e.g. "auto": spread the model over the GPUs')
     group.add_argument("--engine", help="generation engine by name (default: the library's choice)")
+    group.add_argument("--fast-engine-after", type=_float_in(0, None), metavar="SECONDS",
+                       help="with the default engine: move greedy calls (windows) to an installed OpenVINO/vLLM "
+                            "whenever their estimated HF time is at least this (0: always; inf: never)")
     group.add_argument("--lora", metavar="PATH", help="PEFT LoRA adapter: folder or hub id")
     group.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (CUDA)")
     group.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (CUDA)")
@@ -406,7 +409,8 @@ def _generator_kwargs(args: argparse.Namespace, *, torch_dtype: bool = True) -> 
         compile_model=args.compile,
     )
     optional = {"device": args.device, "device_map": args.device_map, "tokenizer_name_or_path": args.tokenizer,
-                "revision": args.revision, "gguf_file": args.gguf_file, "engine": args.engine}
+                "revision": args.revision, "gguf_file": args.gguf_file, "engine": args.engine,
+                "fast_engine_after_s": getattr(args, "fast_engine_after", None)}
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     for flag in ("trust_remote_code", "load_in_8bit", "load_in_4bit"):
         if getattr(args, flag):

@@ -18,7 +18,17 @@ from .conversation import Conversation
 from .distributed import current_distribution
 from .emissions import track_emissions as emissions_tracker
 from .engines import EngineContext
-from .engines.select import choose_engine
+from .engines.select import (
+    FastEngineEstimate,
+    JobSize,
+    choose_engine,
+    cpu_threads,
+    fast_engine_estimates,
+    hf_seconds,
+    installed_fast_engines,
+    pick_fast_engine,
+    vllm_cpu_compile_pays,
+)
 from .formatting import PromptFormatter, validate_inputs
 from .loading import LoadOptions, context_length, load_config, load_for_generation, load_tokenizer
 from .params import ParamsBuilder
@@ -68,6 +78,10 @@ class SimpleGenerator:
         track_emissions: append a row per call to ``<emissions_dir>/emissions.csv`` (codecarbon).
         generation_defaults: replaces :class:`DefaultGenerationConfig` for every call.
         engine: "auto" (default), "static", "continuous", "vllm" or "openvino"; see the README's Engines.
+        fast_engine_after_s: with ``engine="auto"``, move a greedy call to an installed fast engine
+            (OpenVINO, vLLM) whenever the call's estimated time on the HF engines is at least this many
+            seconds (0: always; ``float("inf")``: never). Default None: when the fast engine's start-up
+            plus its time at least halves the estimate (see the README's Engines).
         **model_kwargs: for ``from_pretrained`` (or the engine's own options, e.g. vLLM's
             ``tensor_parallel_size``); ``load_in_8bit``/``load_in_4bit`` become a
             ``BitsAndBytesConfig``.
@@ -90,6 +104,7 @@ class SimpleGenerator:
         emissions_dir: str = ".",
         generation_defaults: DefaultGenerationConfig | None = None,
         engine: str = "auto",
+        fast_engine_after_s: float | None = None,
         **model_kwargs: Any,
     ):
         from .engines import engine_class
@@ -113,8 +128,15 @@ class SimpleGenerator:
                 raise ValueError(f"engine={engine!r} cannot run here: {problem}")
             # the engine's own options (vLLM's tensor_parallel_size, the continuous engine's max_slots...)
             engine_kwargs = {k: model_kwargs.pop(k) for k in list(model_kwargs) if cls.accepts_kwarg(k)}
+        if fast_engine_after_s is not None and (not isinstance(fast_engine_after_s, (int, float))
+                                                or isinstance(fast_engine_after_s, bool) or fast_engine_after_s < 0):
+            raise ValueError(f"fast_engine_after_s must be a number of seconds >= 0 (or None), got "
+                             f"{fast_engine_after_s!r}.")
         self._requested_engine = engine
         self._engine_kwargs = engine_kwargs
+        self._fast: list[FastEngineEstimate] = []
+        self._fast_after_s = fast_engine_after_s
+        self._lora_weights = lora_weights
         if runtime_engine:
             config = load_config(model_name_or_path, **model_kwargs)
             self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
@@ -158,6 +180,8 @@ class SimpleGenerator:
             self._engine_order, self.engine_reason = choose_engine(engine, self.is_encoder_decoder)
             self._engines = {}
             self.engine = self._engine(self._engine_order[-1])  # static: always there to fall back on
+            if engine == "auto":
+                self._fast = self._fast_engine_candidates(loaded, tokenizer_name_or_path, model_kwargs)
             logger.info(
                 "Loaded %s: %s, dtype %s, on %s (%s); LoRA: %s; quantization: %s; compiled: %s; attention: %s; "
                 "engine: %s (%s).",
@@ -178,9 +202,10 @@ class SimpleGenerator:
         self.context_length = context_length(self.config)
         self._forward_params = set(inspect.signature(self.model.forward).parameters) if self.model is not None \
             else set()
-        self.model_identity = _model_identity(self.model_name_or_path, tokenizer_name_or_path, self.config,
-                                              lora_weights, dtype, quantization,
-                                              "hf" if not runtime_engine else engine, model_kwargs)
+        self._identity_parts = (self.model_name_or_path, tokenizer_name_or_path, self.config, lora_weights, dtype,
+                                quantization, model_kwargs)
+        self._identities: dict[str, str] = {}
+        self.model_identity = self._identity("hf" if not runtime_engine else engine)
         self.last_run = RunSummary()
 
     # ------------------------------------------------------------------ engines
@@ -196,10 +221,96 @@ class SimpleGenerator:
                 engine_kwargs=self._engine_kwargs if name == self._requested_engine else {}))
         return self._engines[name]
 
-    def _engine_for(self, requests: Sequence):
-        """The first engine of the preference order that supports every request of the call."""
+    def _identity(self, family: str) -> str:
+        """The model identity in store keys for answers of this engine family ("hf", "vllm", "openvino")."""
+        if family not in self._identities:
+            self._identities[family] = _model_identity(*self._identity_parts[:-1], family, self._identity_parts[-1])
+        return self._identities[family]
+
+    def _choose_engine(self, distinct: list, job: JobSize):
+        """(engine, why, model identity) for a call: see :mod:`simple_generation.engines.select`."""
+        if not job.requests:
+            return self.engine, self.engine_reason, self._identity(_family(self.engine.name))
+        engine, why = self._engine_for(distinct)
+        if self._fast and engine.name in ("static", "continuous"):
+            from .engines import engine_class
+
+            usable = [c for c in self._fast if all(engine_class(c.name).unsupported(p) is None for p in distinct)]
+            hf_s = hf_seconds(self._parameters, job, self._on_gpu, cpu_threads())
+            name, why_fast = pick_fast_engine(job, hf_s, usable, self._fast_after_s)
+            fast = self._start_fast_engine(name, hf_s) if name is not None else None
+            if fast is not None:
+                engine, why = fast, f"auto: {why_fast}"
+                logger.info("Engine: %s", why)
+            elif usable:
+                why = f"{why}; {why_fast}"
+        return engine, why, self._identity(_family(engine.name))
+
+    def _fast_engine_candidates(self, loaded, tokenizer_name_or_path, model_kwargs) -> list[FastEngineEstimate]:
+        """The fast engines ``"auto"`` may move calls to (installed, and able to load this model as loaded)."""
+        if self._fast_after_s == float("inf"):
+            return []
+        device = str(self.model.device)
+        why_not = None
+        if self.is_encoder_decoder:
+            why_not = "an encoder-decoder"
+        elif self.distribution.world_size > 1:
+            why_not = "several processes (name the engine to run one per process)"
+        elif loaded.quantization or "gguf_file" in model_kwargs or loaded.compiled:
+            why_not = "a quantized, GGUF or compiled model"
+        elif "device_map over" in loaded.placement or not device.startswith(("cpu", "cuda")):
+            why_not = f"a model on {loaded.placement}"
+        if why_not is not None:
+            logger.debug("auto: no fast engine for %s", why_not)
+            return []
+        self._on_gpu = device.startswith("cuda")
+        self._parameters = int(self.model.num_parameters())
+        dtype = str(self.model.dtype).replace("torch.", "")
+        keep = ("revision", "trust_remote_code", "token", "cache_dir")
+        self._fast_model_kwargs = {"dtype": dtype, **{k: model_kwargs[k] for k in keep if k in model_kwargs}}
+        candidates, skipped = installed_fast_engines(fast_engine_estimates(self._parameters, dtype, self._on_gpu))
+        for line in skipped:
+            logger.debug("auto: fast engine %s", line)
+        if candidates:
+            logger.info("auto: large greedy calls may move to %s (estimated start-up %s s).",
+                        " or ".join(c.name for c in candidates),
+                        " / ".join(f"{c.startup_s:.0f}" for c in candidates))
+        return candidates
+
+    def _start_fast_engine(self, name: str, hf_s: float):
+        """The fast engine ``name``, started on first use; None (logged, never raised) when it cannot start."""
+        if name in self._engines:
+            return self._engines[name]
+        from .engines import engine_class
+
+        engine_kwargs: dict[str, Any] = {}
+        if name == "vllm" and self._on_gpu:
+            free, total = torch.cuda.mem_get_info(self.model.device)
+            # the HF model stays loaded: give vLLM what is free, less a margin
+            engine_kwargs["gpu_memory_utilization"] = round(max(0.05, (free - (1 << 30)) / total), 3)
+        elif name == "vllm":
+            estimate = next(c for c in self._fast if c.name == name)
+            engine_kwargs["enforce_eager"] = not vllm_cpu_compile_pays(hf_s, estimate)
+            logger.info("auto: vLLM on the CPU %s.", "eager (compiling would not pay for this call)"
+                        if engine_kwargs["enforce_eager"] else "compiled: the call is long enough to pay for it")
+        started = time.perf_counter()
+        try:
+            engine = engine_class(name).create(EngineContext(
+                model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
+                is_encoder_decoder=False, model=None, model_kwargs=dict(self._fast_model_kwargs),
+                engine_kwargs=engine_kwargs, lora_weights=self._lora_weights, device=str(self.model.device)))
+        except Exception as err:  # noqa: BLE001 - any failure to start means: stay on the HF engines
+            logger.warning("auto: the %s engine could not start (%s: %s); this call and later ones stay on the "
+                           "HF engines.", name, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self._fast = [c for c in self._fast if c.name != name]
+            return None
+        logger.info("auto: started the %s engine in %.1f s.", name, time.perf_counter() - started)
+        self._engines[name] = engine
+        return engine
+
+    def _engine_for(self, distinct: Sequence):
+        """The first engine of the preference order that supports every parameter set of the call."""
         reasons = []
-        distinct = {id(r.params): r.params for r in requests}.values()
         for name in self._engine_order:
             engine = self._engine(name)
             problems = [p for p in (engine.unsupported(params) for params in distinct) if p]
@@ -354,12 +465,12 @@ class SimpleGenerator:
                 inputs, formatter=formatter, builder=builder, generation_kwargs=generation_kwargs, params=params,
                 start_empty=self._start_empty_prompts, context_length=self.context_length,
                 is_encoder_decoder=self.is_encoder_decoder, truncate=truncate_prompts, on_error=on_error,
-                dedup=dedup, near_duplicates=near_duplicates, store=store_obj, model_identity=self.model_identity,
+                dedup=dedup, near_duplicates=near_duplicates, store=store_obj, choose_engine=self._choose_engine,
                 skip_prompt=skip_prompt,
                 postprocessor=PostProcessor(self.tokenizer, self.is_encoder_decoder, formatter.stop_token_ids),
             )
             requests = plan.to_generate()
-            engine, why = self._engine_for(requests) if requests else (self.engine, self.engine_reason)
+            engine, why = plan.engine, plan.engine_reason
             on_cpu = self.model is None or str(getattr(self.model, "device", "cpu")).startswith("cpu")
             size, auto = resolve_batch_size(batch_size, starting_batch_size, max(1, len(requests)), on_cpu)
             if hasattr(engine, "configure"):
@@ -558,6 +669,11 @@ def _weights_signature(path: str) -> list:
             stat = os.stat(os.path.join(path, name))
             signature.append([name, stat.st_size, int(stat.st_mtime)])
     return signature
+
+
+def _family(engine_name: str) -> str:
+    """The engine family in store keys: the HF engines share answers (both exact), runtimes do not."""
+    return "hf" if engine_name in ("static", "continuous") else engine_name
 
 
 def _model_identity(model_name_or_path, tokenizer_name_or_path, config, lora_weights, dtype, quantization,

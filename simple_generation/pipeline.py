@@ -1,7 +1,11 @@
 """The one path every answer takes, from a call's inputs to its results.
 
-inputs -> formatting -> tokenize + validate -> :class:`Request` (keyed) -> store lookup (resume) ->
-dedup (fan-in) -> engine stream -> post-processing -> store commit -> fan-out to input positions.
+inputs -> formatting -> tokenize + validate -> engine choice -> :class:`Request` (keyed) -> store lookup
+(resume) -> dedup (fan-in) -> engine stream -> post-processing -> store commit -> fan-out to input positions.
+
+The engine is chosen before the keys because store keys name the engine family (an answer of one engine
+is never served as another's), and from the whole call (stored answers included), so a rerun of a killed
+job chooses as the first run did.
 
 :func:`plan_call` does everything up to the engine eagerly, so bad input fails before any expensive
 work; :func:`run_local` (or the data-parallel exchange) then runs the engine, :func:`finish_request`
@@ -17,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .engines.select import JobSize
 from .formatting import PromptFormatter
 from .params import PER_PROMPT_KEYS, ParamsBuilder, normalize_overrides
 from .postprocess import PostProcessor
@@ -51,6 +56,8 @@ class CallPlan:
     store: ResultStore | None
     model_identity: str
     postprocessor: PostProcessor
+    engine: Any = None
+    engine_reason: str = ""
     stats: RunSummary = field(default_factory=RunSummary)
 
     def to_generate(self) -> list[Request]:
@@ -80,11 +87,15 @@ def plan_call(
     dedup: bool,
     near_duplicates: float | None,
     store: ResultStore | None,
-    model_identity: str,
+    choose_engine: Callable[[list[GenerationParams], JobSize], tuple[Any, str, str]],
     skip_prompt: bool,
     postprocessor: PostProcessor,
 ) -> CallPlan:
-    """Validate and prepare a call (no generation happens here)."""
+    """Validate and prepare a call (no generation happens here).
+
+    ``choose_engine(distinct_params, job)`` returns ``(engine, why, model_identity)``; it may raise
+    ValueError when no engine supports the call.
+    """
     if on_error not in ("raise", "record"):
         raise ValueError(f'on_error must be "raise" or "record", got {on_error!r}.')
     record = on_error == "record"
@@ -197,6 +208,13 @@ def plan_call(
         logger.warning("%d prompt(s) leave less room in the model's context (%d tokens) than max_new_tokens: their "
                        "answers are capped to the room left (finish_reason 'length').", capped, context_length)
 
+    # the engine, from the whole call: it names the family in the store keys
+    distinct = list({id(per_prompt[i]): per_prompt[i] for i in live}.values())
+    job = JobSize(requests=len(live), prompt_tokens=sum(len(token_ids[i]) for i in live),
+                  new_tokens=sum(budgets[i] * per_prompt[i].num_return_sequences for i in live),
+                  greedy=all(not p.sampled and p.num_beams == 1 for p in distinct))
+    engine, engine_reason, model_identity = choose_engine(distinct, job)
+
     # keys, resume, dedup
     copies: dict[tuple[str, str], int] = {}
     copy_numbers: dict[int, int] = {}
@@ -243,7 +261,7 @@ def plan_call(
                        capped=capped)
     return CallPlan(n_inputs=n, slots=ordered_slots, ready=ready, prompt_ids=token_ids, skip_prompt=skip_prompt,
                     isolate_errors=record, store=store, model_identity=model_identity, postprocessor=postprocessor,
-                    stats=stats)
+                    engine=engine, engine_reason=engine_reason, stats=stats)
 
 
 def _result_from_answer(index: int, prompt: str, answer: StoredAnswer, cached: bool) -> GenerationResult:

@@ -169,3 +169,51 @@ def test_through_simple_generator(llama_path, ov_cache):
     prompts = PROMPTS[:6]
     answers = generator(prompts, max_new_tokens=12, temperature=0, skip_prompt=True)
     assert answers == SimpleGenerator(llama_path)(prompts, max_new_tokens=12, temperature=0, skip_prompt=True)
+
+
+def test_auto_moves_greedy_calls_to_openvino_and_resumes(llama_path, tmp_path, monkeypatch):
+    """engine="auto" with fast_engine_after_s=0: greedy calls run on OpenVINO (answers equal the HF
+    engines'), sampled calls stay on HF, and a store filled by OpenVINO answers a rerun."""
+    from simple_generation import SimpleGenerator
+
+    monkeypatch.setenv("SIMPLE_GENERATION_CACHE", str(tmp_path / "cache"))
+    prompts = PROMPTS[:8]
+    reference = SimpleGenerator(llama_path, engine="continuous", track_emissions=False)
+    expected = reference(prompts, max_new_tokens=10, temperature=0, skip_prompt=True, show_progress_bar=False)
+
+    gen = SimpleGenerator(llama_path, fast_engine_after_s=0, track_emissions=False)
+    store = tmp_path / "answers.sqlite"
+    answers = gen(prompts, max_new_tokens=10, temperature=0, skip_prompt=True, show_progress_bar=False,
+                  store=store)
+    assert gen.last_run.engine == "openvino" and "openvino" in gen.last_run.engine_reason
+    assert answers == expected
+    results = gen.generate(prompts, max_new_tokens=10, temperature=0, skip_prompt=True, show_progress_bar=False,
+                           store=store)
+    assert all(r.cached for r in results) and [r.text for r in results] == expected
+
+    gen(prompts[:2], max_new_tokens=4, do_sample=True, seed=1, show_progress_bar=False)
+    assert gen.last_run.engine == "continuous"
+
+    default = SimpleGenerator(llama_path, track_emissions=False)  # the rule: a tiny call does not pay
+    assert default(prompts, max_new_tokens=10, temperature=0, skip_prompt=True, show_progress_bar=False) == expected
+    assert default.last_run.engine == "continuous" and "would not pay" in default.last_run.engine_reason
+
+
+def test_auto_falls_back_when_openvino_cannot_start(llama_path, tmp_path, monkeypatch, caplog):
+    from simple_generation import SimpleGenerator
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("the cache root is a file: the export cannot write there")
+    monkeypatch.setenv("SIMPLE_GENERATION_CACHE", str(blocker))
+    gen = SimpleGenerator(llama_path, fast_engine_after_s=0, track_emissions=False)
+    with caplog.at_level("WARNING", logger="simple_generation"):
+        answers = gen(PROMPTS[:4], max_new_tokens=6, temperature=0, skip_prompt=True, show_progress_bar=False)
+    assert gen.last_run.engine == "continuous"
+    assert any("openvino engine could not start" in r.getMessage() for r in caplog.records)
+    reference = SimpleGenerator(llama_path, engine="static", track_emissions=False)
+    assert answers == reference(PROMPTS[:4], max_new_tokens=6, temperature=0, skip_prompt=True,
+                                show_progress_bar=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="simple_generation"):
+        gen(PROMPTS[:2], max_new_tokens=6, temperature=0, show_progress_bar=False)
+    assert not any("could not start" in r.getMessage() for r in caplog.records)  # not retried every call

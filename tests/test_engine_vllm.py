@@ -154,3 +154,35 @@ def test_script_without_main_guard_with_vllm_processes(llama64_path, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("SCRIPT BODY RUNS") == 1
     assert "TOKENS [[" in done.stdout
+
+
+_AUTO_SCRIPT = """
+import sys, torch
+from simple_generation import SimpleGenerator
+from tests.prompts import PROMPTS
+
+path = sys.argv[1]
+fp32 = SimpleGenerator(path, fast_engine_after_s=0, track_emissions=False)
+fp32(PROMPTS[:4], max_new_tokens=6, temperature=0, show_progress_bar=False)
+print("FP32", fp32.last_run.engine, flush=True)
+bf16 = SimpleGenerator(path, fast_engine_after_s=0, dtype=torch.bfloat16, track_emissions=False)
+answers = bf16(PROMPTS[:6], max_new_tokens=6, temperature=0, skip_prompt=True, show_progress_bar=False)
+print("BF16", bf16.last_run.engine, len(answers), all(isinstance(a, str) for a in answers), flush=True)
+bf16(PROMPTS[:2], max_new_tokens=4, do_sample=True, seed=3, show_progress_bar=False)
+print("SAMPLED", bf16.last_run.engine, flush=True)
+"""
+
+
+def test_auto_moves_bf16_greedy_calls_to_vllm(llama64_path, tmp_path):
+    """engine="auto": an fp32 model stays on the exact HF engines on a CPU; a bf16 one moves its greedy
+    calls to vLLM (fast_engine_after_s=0 stands in for a large job), sampled calls stay on HF."""
+    script = tmp_path / "auto.py"
+    script.write_text(_AUTO_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, str(script), llama64_path], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FP32 continuous" in done.stdout
+    assert "BF16 vllm 6 True" in done.stdout
+    assert "SAMPLED continuous" in done.stdout

