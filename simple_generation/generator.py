@@ -237,13 +237,17 @@ class SimpleGenerator:
 
             usable = [c for c in self._fast if all(engine_class(c.name).unsupported(p) is None for p in distinct)]
             hf_s = hf_seconds(self._parameters, job, self._on_gpu, cpu_threads())
-            name, why_fast = pick_fast_engine(job, hf_s, usable, self._fast_after_s)
-            fast = self._start_fast_engine(name, hf_s) if name is not None else None
-            if fast is not None:
-                engine, why = fast, f"auto: {why_fast}"
-                logger.info("Engine: %s", why)
-            elif usable:
-                why = f"{why}; {why_fast}"
+            while usable:
+                name, why_fast = pick_fast_engine(job, hf_s, usable, self._fast_after_s)
+                if name is None:
+                    why = f"{why}; {why_fast}"
+                    break
+                fast = self._start_fast_engine(name, hf_s)
+                if fast is not None:
+                    engine, why = fast, f"auto: {why_fast}"
+                    logger.info("Engine: %s", why)
+                    break
+                usable = [c for c in usable if c.name != name]  # it could not start: the next one, if any
         return engine, why, self._identity(_family(engine.name))
 
     def _fast_engine_candidates(self, loaded, tokenizer_name_or_path, model_kwargs) -> list[FastEngineEstimate]:

@@ -217,3 +217,17 @@ def test_auto_falls_back_when_openvino_cannot_start(llama_path, tmp_path, monkey
     with caplog.at_level("WARNING", logger="simple_generation"):
         gen(PROMPTS[:2], max_new_tokens=6, temperature=0, show_progress_bar=False)
     assert not any("could not start" in r.getMessage() for r in caplog.records)  # not retried every call
+
+
+def test_lora_is_merged_into_the_export(llama_path, lora_adapter, ov_cache):
+    """lora_weights with OpenVINO: the adapter merged before the export gives the HF engines' answers."""
+    from simple_generation import SimpleGenerator
+
+    prompts = PROMPTS[:6]
+    kwargs = dict(max_new_tokens=10, temperature=0, skip_prompt=True, show_progress_bar=False)
+    answers = SimpleGenerator(llama_path, engine="openvino", lora_weights=lora_adapter, ov_cache_dir=ov_cache,
+                              track_emissions=False)(prompts, **kwargs)
+    hf = SimpleGenerator(llama_path, engine="static", lora_weights=lora_adapter, track_emissions=False)
+    assert answers == hf(prompts, **kwargs)
+    base = SimpleGenerator(llama_path, engine="static", track_emissions=False)
+    assert answers != base(prompts, **kwargs)  # the adapter changes answers: it was applied

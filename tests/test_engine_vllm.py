@@ -7,6 +7,7 @@ started per module: vLLM's start-up is the slow part.
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -186,3 +187,39 @@ def test_auto_moves_bf16_greedy_calls_to_vllm(llama64_path, tmp_path):
     assert "FP32 continuous" in done.stdout
     assert "BF16 vllm 6 True" in done.stdout
     assert "SAMPLED continuous" in done.stdout
+
+
+_LORA_SCRIPT = """
+import json, sys
+from simple_generation import SimpleGenerator
+from tests.prompts import PROMPTS
+
+path, adapter = sys.argv[1:3]
+gen = SimpleGenerator(path, engine="vllm", lora_weights=adapter, track_emissions=False, max_model_len=256)
+answers = gen(PROMPTS[:6], max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+print("ANSWERS " + json.dumps(answers), flush=True)
+"""
+
+
+def test_lora_through_a_lora_request(llama64_path, tmp_path):
+    """lora_weights with vLLM (a LoRARequest per request): greedy fp32 answers equal HF with the adapter."""
+    pytest.importorskip("peft")
+    from simple_generation import SimpleGenerator
+
+    from .conftest import make_lora_adapter
+
+    adapter = make_lora_adapter(llama64_path, tmp_path / "adapter")
+    script = tmp_path / "lora.py"
+    script.write_text(_LORA_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, str(script), llama64_path, adapter], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("ANSWERS "))
+    answers = json.loads(line[len("ANSWERS "):])
+    kwargs = dict(max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+    hf = SimpleGenerator(llama64_path, engine="static", lora_weights=adapter, merge_lora=False, track_emissions=False)
+    assert answers == hf(PROMPTS[:6], **kwargs)
+    base = SimpleGenerator(llama64_path, engine="static", track_emissions=False)
+    assert answers != base(PROMPTS[:6], **kwargs)

@@ -23,21 +23,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 # ------------------------------------------------------------------ LoRA
-@pytest.fixture(scope="module")
-def lora_adapter(llama_path, tmp_path_factory):
-    """A LoRA adapter made locally with peft, with random (non-zero) weights so that it changes answers."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(llama_path)
-    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False,
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(base, config)
-    path = tmp_path_factory.mktemp("lora") / "adapter"
-    model.save_pretrained(path)
-    return str(path)
-
-
 def _peft_reference(llama_path, adapter, prompts):
     from peft import PeftModel
 

