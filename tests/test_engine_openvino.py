@@ -231,3 +231,44 @@ def test_lora_is_merged_into_the_export(llama_path, lora_adapter, ov_cache):
     assert answers == hf(prompts, **kwargs)
     base = SimpleGenerator(llama_path, engine="static", track_emissions=False)
     assert answers != base(prompts, **kwargs)  # the adapter changes answers: it was applied
+
+
+_DP_SCRIPT = """
+import json, os, sys
+from simple_generation import SimpleGenerator
+from tests.prompts import PROMPTS
+
+path, out, cache = sys.argv[1:4]
+gen = SimpleGenerator(path, engine="openvino", ov_cache_dir=cache, num_threads=1, track_emissions=False)
+answers = gen(PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+rank = gen.distribution.rank
+with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
+    json.dump({"world_size": gen.distribution.world_size, "answers": answers, "engine": gen.last_run.engine}, handle)
+"""
+
+
+def test_one_engine_per_process_under_accelerate_launch(llama_path, tmp_path):
+    """Two `accelerate launch` processes, each with its own OpenVINO engine (one export, shared through the
+    cache without a race): every rank returns every answer, in order, equal to one process's."""
+    import json
+    import subprocess
+
+    from simple_generation import SimpleGenerator
+
+    from .test_distributed import ROOT, _env, _free_port, _launch_command
+
+    script = tmp_path / "dp.py"
+    script.write_text(_DP_SCRIPT)
+    cache = tmp_path / "cache"
+    command = _launch_command(2, _free_port(), "--num_machines", "1", str(script), llama_path, str(tmp_path),
+                              str(cache))
+    done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    expected = SimpleGenerator(llama_path, engine="static", track_emissions=False)(
+        PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["world_size"] == 2 and record["engine"] == "openvino"
+        assert record["answers"] == expected
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] and \
+        not [p for p in cache.iterdir() if p.name.startswith(".export-")]

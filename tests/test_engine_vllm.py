@@ -169,6 +169,12 @@ print("FP32", fp32.last_run.engine, flush=True)
 bf16 = SimpleGenerator(path, fast_engine_after_s=0, dtype=torch.bfloat16, track_emissions=False)
 answers = bf16(PROMPTS[:6], max_new_tokens=6, temperature=0, skip_prompt=True, show_progress_bar=False)
 print("BF16", bf16.last_run.engine, len(answers), all(isinstance(a, str) for a in answers), flush=True)
+first = bf16.generate(PROMPTS[:6], max_new_tokens=6, temperature=0, skip_prompt=True, show_progress_bar=False,
+                      store="answers.sqlite")
+again = bf16.generate(PROMPTS[:6], max_new_tokens=6, temperature=0, skip_prompt=True, show_progress_bar=False,
+                      store="answers.sqlite")
+print("STORE", sum(r.cached for r in first), sum(r.cached for r in again),
+      [r.text for r in again] == [r.text for r in first] == answers, flush=True)
 bf16(PROMPTS[:2], max_new_tokens=4, do_sample=True, seed=3, show_progress_bar=False)
 print("SAMPLED", bf16.last_run.engine, flush=True)
 """
@@ -176,7 +182,8 @@ print("SAMPLED", bf16.last_run.engine, flush=True)
 
 def test_auto_moves_bf16_greedy_calls_to_vllm(llama64_path, tmp_path):
     """engine="auto": an fp32 model stays on the exact HF engines on a CPU; a bf16 one moves its greedy
-    calls to vLLM (fast_engine_after_s=0 stands in for a large job), sampled calls stay on HF."""
+    calls to vLLM (fast_engine_after_s=0 stands in for a large job) and its store resumes; sampled calls stay
+    on HF."""
     script = tmp_path / "auto.py"
     script.write_text(_AUTO_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,6 +193,7 @@ def test_auto_moves_bf16_greedy_calls_to_vllm(llama64_path, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FP32 continuous" in done.stdout
     assert "BF16 vllm 6 True" in done.stdout
+    assert "STORE 0 6 True" in done.stdout  # answers committed by vLLM serve the rerun
     assert "SAMPLED continuous" in done.stdout
 
 
@@ -195,14 +203,19 @@ from simple_generation import SimpleGenerator
 from tests.prompts import PROMPTS
 
 path, adapter = sys.argv[1:3]
-gen = SimpleGenerator(path, engine="vllm", lora_weights=adapter, track_emissions=False, max_model_len=256)
+gen = SimpleGenerator(path, engine="vllm", lora_weights=adapter, system_prompt="llama-2", track_emissions=False,
+                      max_model_len=256)
 answers = gen(PROMPTS[:6], max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
 print("ANSWERS " + json.dumps(answers), flush=True)
+conversation = gen.conversation_from_user_prompts(["Hi there.", "And then?"], max_new_tokens=6, temperature=0,
+                                                  show_progress_bar=False)
+print("CONVERSATION " + json.dumps(str(conversation)), flush=True)
 """
 
 
-def test_lora_through_a_lora_request(llama64_path, tmp_path):
-    """lora_weights with vLLM (a LoRARequest per request): greedy fp32 answers equal HF with the adapter."""
+def test_lora_template_and_conversation(llama64_path, tmp_path):
+    """lora_weights with vLLM (a LoRARequest per request), a named template and a conversation: greedy fp32
+    answers equal HF's with the adapter and the same formatting."""
     pytest.importorskip("peft")
     from simple_generation import SimpleGenerator
 
@@ -216,10 +229,78 @@ def test_lora_through_a_lora_request(llama64_path, tmp_path):
     done = subprocess.run([sys.executable, str(script), llama64_path, adapter], capture_output=True, text=True,
                           timeout=900, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("ANSWERS "))
-    answers = json.loads(line[len("ANSWERS "):])
+    printed = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in done.stdout.splitlines()
+               if x.startswith(("ANSWERS ", "CONVERSATION "))}
     kwargs = dict(max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
-    hf = SimpleGenerator(llama64_path, engine="static", lora_weights=adapter, merge_lora=False, track_emissions=False)
-    assert answers == hf(PROMPTS[:6], **kwargs)
-    base = SimpleGenerator(llama64_path, engine="static", track_emissions=False)
-    assert answers != base(PROMPTS[:6], **kwargs)
+    hf = SimpleGenerator(llama64_path, engine="static", lora_weights=adapter, merge_lora=False,
+                         system_prompt="llama-2", track_emissions=False)
+    assert printed["ANSWERS"] == hf(PROMPTS[:6], **kwargs)
+    conversation = hf.conversation_from_user_prompts(["Hi there.", "And then?"], max_new_tokens=6, temperature=0,
+                                                     show_progress_bar=False)
+    assert printed["CONVERSATION"] == str(conversation)
+    base = SimpleGenerator(llama64_path, engine="static", system_prompt="llama-2", track_emissions=False)
+    assert printed["ANSWERS"] != base(PROMPTS[:6], **kwargs)
+
+
+_DP_SCRIPT = """
+import json, os, sys
+from simple_generation import SimpleGenerator
+from tests.prompts import PROMPTS
+
+path, out = sys.argv[1:3]
+gen = SimpleGenerator(path, engine="vllm", max_model_len=256, track_emissions=False)
+answers = gen(PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+rank = gen.distribution.rank
+with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
+    json.dump({"world_size": gen.distribution.world_size, "answers": answers, "engine": gen.last_run.engine}, handle)
+"""
+
+
+def test_one_engine_per_process_under_accelerate_launch(llama64_path, tmp_path):
+    """Two `accelerate launch` processes, each starting its own in-process vLLM (the launcher's RANK/
+    WORLD_SIZE hidden from it): every rank returns every answer, in order, equal to HF's fp32 ones."""
+    from simple_generation import SimpleGenerator
+
+    from .test_distributed import ROOT, _env, _free_port, _launch_command
+
+    script = tmp_path / "dp.py"
+    script.write_text(_DP_SCRIPT)
+    command = _launch_command(2, _free_port(), "--num_machines", "1", str(script), llama64_path, str(tmp_path))
+    done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    expected = SimpleGenerator(llama64_path, engine="static", track_emissions=False)(
+        PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["world_size"] == 2 and record["engine"] == "vllm"
+        assert record["answers"] == expected
+
+
+_GPU_SCRIPT = """
+import json, sys, torch
+from simple_generation import SimpleGenerator
+from tests.prompts import PROMPTS
+
+path = sys.argv[1]
+named = SimpleGenerator(path, engine="vllm", dtype=torch.bfloat16, gpu_memory_utilization=0.3, max_model_len=256,
+                        track_emissions=False)
+answers = named(PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+print("NAMED " + json.dumps([len(answers), named.last_run.engine]), flush=True)
+auto = SimpleGenerator(path, dtype=torch.bfloat16, fast_engine_after_s=0, track_emissions=False)
+again = auto(PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+print("AUTO " + json.dumps([len(again), auto.last_run.engine]), flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and the CUDA build of vLLM)")
+def test_on_a_gpu(llama64_path, tmp_path):
+    """The CUDA build: a bf16 model by name, one answer per prompt, in order; then auto moving a greedy call."""
+    script = tmp_path / "gpu.py"
+    script.write_text(_GPU_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, str(script), llama64_path], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f'NAMED [{len(PROMPTS)}, "vllm"]' in done.stdout
+    assert f'AUTO [{len(PROMPTS)}, "vllm"]' in done.stdout
