@@ -18,17 +18,7 @@ from .conversation import Conversation
 from .distributed import current_distribution
 from .emissions import track_emissions as emissions_tracker
 from .engines import EngineContext
-from .engines.select import (
-    FastEngineEstimate,
-    JobSize,
-    choose_engine,
-    cpu_threads,
-    fast_engine_estimates,
-    hf_seconds,
-    installed_fast_engines,
-    pick_fast_engine,
-    vllm_cpu_compile_pays,
-)
+from .engines.select import JobSize, choose_engine
 from .formatting import PromptFormatter, validate_inputs
 from .loading import LoadOptions, context_length, load_config, load_for_generation, load_tokenizer
 from .params import ParamsBuilder
@@ -134,9 +124,7 @@ class SimpleGenerator:
                              f"{fast_engine_after_s!r}.")
         self._requested_engine = engine
         self._engine_kwargs = engine_kwargs
-        self._fast: list[FastEngineEstimate] = []
-        self._fast_after_s = fast_engine_after_s
-        self._lora_weights = lora_weights
+        self._fast = None  # the fast engines "auto" may move calls to (engines/fast.py)
         if runtime_engine:
             config = load_config(model_name_or_path, **model_kwargs)
             self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
@@ -181,7 +169,13 @@ class SimpleGenerator:
             self._engines = {}
             self.engine = self._engine(self._engine_order[-1])  # static: always there to fall back on
             if engine == "auto":
-                self._fast = self._fast_engine_candidates(loaded, tokenizer_name_or_path, model_kwargs)
+                from .engines.fast import FastEngines
+
+                self._fast = FastEngines.for_model(
+                    self.model, placement=loaded.placement, quantization=loaded.quantization, compiled=loaded.compiled,
+                    world_size=self.distribution.world_size, is_encoder_decoder=self.is_encoder_decoder,
+                    model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, model_kwargs=model_kwargs,
+                    lora_weights=lora_weights, after_s=fast_engine_after_s)
             logger.info(
                 "Loaded %s: %s, dtype %s, on %s (%s); LoRA: %s; quantization: %s; compiled: %s; attention: %s; "
                 "engine: %s (%s).",
@@ -232,85 +226,14 @@ class SimpleGenerator:
         if not job.requests:
             return self.engine, self.engine_reason, self._identity(_family(self.engine.name))
         engine, why = self._engine_for(distinct)
-        if self._fast and engine.name in ("static", "continuous"):
-            from .engines import engine_class
-
-            usable = [c for c in self._fast if all(engine_class(c.name).unsupported(p) is None for p in distinct)]
-            hf_s = hf_seconds(self._parameters, job, self._on_gpu, cpu_threads())
-            while usable:
-                name, why_fast = pick_fast_engine(job, hf_s, usable, self._fast_after_s)
-                if name is None:
-                    why = f"{why}; {why_fast}"
-                    break
-                fast = self._start_fast_engine(name, hf_s)
-                if fast is not None:
-                    engine, why = fast, f"auto: {why_fast}"
-                    logger.info("Engine: %s", why)
-                    break
-                usable = [c for c in usable if c.name != name]  # it could not start: the next one, if any
+        if self._fast is not None and engine.name in ("static", "continuous"):
+            fast, why_fast = self._fast.engine_for(distinct, job)
+            if fast is not None:
+                engine, why = fast, f"auto: {why_fast}"
+                logger.info("Engine: %s", why)
+            elif why_fast:
+                why = f"{why}; {why_fast}"
         return engine, why, self._identity(_family(engine.name))
-
-    def _fast_engine_candidates(self, loaded, tokenizer_name_or_path, model_kwargs) -> list[FastEngineEstimate]:
-        """The fast engines ``"auto"`` may move calls to (installed, and able to load this model as loaded)."""
-        if self._fast_after_s == float("inf"):
-            return []
-        device = str(self.model.device)
-        why_not = None
-        if self.is_encoder_decoder:
-            why_not = "an encoder-decoder"
-        elif self.distribution.world_size > 1:
-            why_not = "several processes (name the engine to run one per process)"
-        elif loaded.quantization or "gguf_file" in model_kwargs or loaded.compiled:
-            why_not = "a quantized, GGUF or compiled model"
-        elif "device_map over" in loaded.placement or not device.startswith(("cpu", "cuda")):
-            why_not = f"a model on {loaded.placement}"
-        if why_not is not None:
-            logger.debug("auto: no fast engine for %s", why_not)
-            return []
-        self._on_gpu = device.startswith("cuda")
-        self._parameters = int(self.model.num_parameters())
-        dtype = str(self.model.dtype).replace("torch.", "")
-        keep = ("revision", "trust_remote_code", "token", "cache_dir")
-        self._fast_model_kwargs = {"dtype": dtype, **{k: model_kwargs[k] for k in keep if k in model_kwargs}}
-        candidates, skipped = installed_fast_engines(fast_engine_estimates(self._parameters, dtype, self._on_gpu))
-        for line in skipped:
-            logger.debug("auto: fast engine %s", line)
-        if candidates:
-            logger.info("auto: large greedy calls may move to %s (estimated start-up %s s).",
-                        " or ".join(c.name for c in candidates),
-                        " / ".join(f"{c.startup_s:.0f}" for c in candidates))
-        return candidates
-
-    def _start_fast_engine(self, name: str, hf_s: float):
-        """The fast engine ``name``, started on first use; None (logged, never raised) when it cannot start."""
-        if name in self._engines:
-            return self._engines[name]
-        from .engines import engine_class
-
-        engine_kwargs: dict[str, Any] = {}
-        if name == "vllm" and self._on_gpu:
-            free, total = torch.cuda.mem_get_info(self.model.device)
-            # the HF model stays loaded: give vLLM what is free, less a margin
-            engine_kwargs["gpu_memory_utilization"] = round(max(0.05, (free - (1 << 30)) / total), 3)
-        elif name == "vllm":
-            estimate = next(c for c in self._fast if c.name == name)
-            engine_kwargs["enforce_eager"] = not vllm_cpu_compile_pays(hf_s, estimate)
-            logger.info("auto: vLLM on the CPU %s.", "eager (compiling would not pay for this call)"
-                        if engine_kwargs["enforce_eager"] else "compiled: the call is long enough to pay for it")
-        started = time.perf_counter()
-        try:
-            engine = engine_class(name).create(EngineContext(
-                model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
-                is_encoder_decoder=False, model=None, model_kwargs=dict(self._fast_model_kwargs),
-                engine_kwargs=engine_kwargs, lora_weights=self._lora_weights, device=str(self.model.device)))
-        except Exception as err:  # noqa: BLE001 - any failure to start means: stay on the HF engines
-            logger.warning("auto: the %s engine could not start (%s: %s); this call and later ones stay on the "
-                           "HF engines.", name, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-            self._fast = [c for c in self._fast if c.name != name]
-            return None
-        logger.info("auto: started the %s engine in %.1f s.", name, time.perf_counter() - started)
-        self._engines[name] = engine
-        return engine
 
     def _engine_for(self, distinct: Sequence):
         """The first engine of the preference order that supports every parameter set of the call."""
