@@ -18,6 +18,7 @@ from .conversation import Conversation
 from .distributed import current_distribution
 from .emissions import track_emissions as emissions_tracker
 from .engines import EngineContext
+from .engines.fast import FastChoice, FastEngines
 from .engines.select import JobSize, choose_engine
 from .formatting import PromptFormatter, validate_inputs
 from .loading import LoadOptions, context_length, load_config, load_for_generation, load_tokenizer
@@ -169,8 +170,6 @@ class SimpleGenerator:
             self._engines = {}
             self.engine = self._engine(self._engine_order[-1])  # static: always there to fall back on
             if engine == "auto":
-                from .engines.fast import FastEngines
-
                 self._fast = FastEngines.for_model(
                     self.model, placement=loaded.placement, quantization=loaded.quantization, compiled=loaded.compiled,
                     world_size=self.distribution.world_size, is_encoder_decoder=self.is_encoder_decoder,
@@ -227,11 +226,11 @@ class SimpleGenerator:
             return self.engine, self.engine_reason, self._identity(_family(self.engine.name))
         engine, why = self._engine_for(distinct)
         if self._fast is not None and engine.name in ("static", "continuous"):
-            fast, why_fast = self._fast.engine_for(distinct, job)
+            fast, why_fast = self._fast.choose(distinct, job)
             if fast is not None:
-                engine, why = fast, f"auto: {why_fast}"
-                logger.info("Engine: %s", why)
-            elif why_fast:
+                logger.info("Engine: auto: %s", why_fast)
+                return fast, f"auto: {why_fast}", self._identity(fast.name)
+            if why_fast:
                 why = f"{why}; {why_fast}"
         return engine, why, self._identity(_family(engine.name))
 
@@ -387,8 +386,8 @@ class SimpleGenerator:
         builder = ParamsBuilder(self._model_generation_config, self.defaults, self.tokenizer.pad_token_id,
                                 self.tokenizer, formatter.stop_strings, formatter.stop_token_ids,
                                 self._forward_params)
-        try:
-            plan = plan_call(
+        def make_plan():
+            return plan_call(
                 inputs, formatter=formatter, builder=builder, generation_kwargs=generation_kwargs, params=params,
                 start_empty=self._start_empty_prompts, context_length=self.context_length,
                 is_encoder_decoder=self.is_encoder_decoder, truncate=truncate_prompts, on_error=on_error,
@@ -396,6 +395,18 @@ class SimpleGenerator:
                 skip_prompt=skip_prompt,
                 postprocessor=PostProcessor(self.tokenizer, self.is_encoder_decoder, formatter.stop_token_ids),
             )
+
+        try:
+            plan = make_plan()
+            while isinstance(plan.engine, FastChoice):  # a fast engine chosen, not started yet
+                choice = plan.engine
+                if not plan.to_generate():
+                    plan.engine = self.engine
+                    plan.engine_reason += f" (every answer was stored: {choice.name} not started)"
+                elif (started := self._fast.start(choice)) is not None:
+                    plan.engine = started
+                else:  # it could not start: choose again, since the store keys name the engine family
+                    plan = make_plan()
             requests = plan.to_generate()
             engine, why = plan.engine, plan.engine_reason
             on_cpu = self.model is None or str(getattr(self.model, "device", "cpu")).startswith("cpu")

@@ -191,6 +191,15 @@ def test_auto_moves_greedy_calls_to_openvino_and_resumes(llama_path, tmp_path, m
                            store=store)
     assert all(r.cached for r in results) and [r.text for r in results] == expected
 
+    # a fresh process's rerun of the finished job: every answer comes from the store, nothing is started
+    monkeypatch.setenv("SIMPLE_GENERATION_CACHE", str(tmp_path / "unused-cache"))
+    fresh = SimpleGenerator(llama_path, fast_engine_after_s=0, track_emissions=False)
+    rerun = fresh.generate(prompts, max_new_tokens=10, temperature=0, skip_prompt=True, show_progress_bar=False,
+                           store=store)
+    assert all(r.cached for r in rerun) and [r.text for r in rerun] == expected
+    assert "openvino not started" in fresh.last_run.engine_reason
+    assert not (tmp_path / "unused-cache").exists()
+
     gen(prompts[:2], max_new_tokens=4, do_sample=True, seed=1, show_progress_bar=False)
     assert gen.last_run.engine == "continuous"
 

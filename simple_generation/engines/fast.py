@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..requests import GenerationParams
@@ -30,6 +31,15 @@ from .select import (
 logger = logging.getLogger("simple_generation")
 
 _LOADING_KEYS = ("revision", "trust_remote_code", "token", "cache_dir")
+
+
+@dataclass(frozen=True)
+class FastChoice:
+    """A fast engine chosen for a call but not started yet."""
+
+    name: str
+    why: str
+    hf_s: float  # the call's estimated HF time (vLLM on a CPU compiles only when it pays)
 
 
 class FastEngines:
@@ -82,21 +92,23 @@ class FastEngines:
         return cls(candidates, parameters=parameters, on_gpu=on_gpu, device=device, after_s=after_s,
                    context=context)
 
-    def engine_for(self, distinct: Sequence[GenerationParams], job: JobSize) -> tuple[Any | None, str]:
-        """(the fast engine to run this call on, started if need be, or None; why)."""
+    def choose(self, distinct: Sequence[GenerationParams], job: JobSize) -> tuple[Any | None, str]:
+        """(the fast engine for this call, or None; why). The engine is the started one when it runs
+        already, else a :class:`FastChoice` to :meth:`start` once the call is known to need it (a rerun
+        whose answers are all stored starts nothing)."""
         usable = [c for c in self.candidates if all(engine_class(c.name).unsupported(p) is None for p in distinct)]
         if not usable:
             return None, ""
         hf_s = hf_seconds(self.parameters, job, self.on_gpu, cpu_threads())
-        while usable:
-            name, why = pick_fast_engine(job, hf_s, usable, self.after_s)
-            if name is None:
-                return None, why
-            engine = self._start(name, hf_s)
-            if engine is not None:
-                return engine, why
-            usable = [c for c in usable if c.name != name]  # it could not start: the next one, if any
-        return None, "no fast engine could start"
+        name, why = pick_fast_engine(job, hf_s, usable, self.after_s)
+        if name is None:
+            return None, why
+        return self.started.get(name) or FastChoice(name, why, hf_s), why
+
+    def start(self, choice: FastChoice):
+        """The chosen engine, started; None (one warning, never raised) when it cannot start, and it is
+        then no longer a candidate."""
+        return self._start(choice.name, choice.hf_s)
 
     def _start(self, name: str, hf_s: float):
         if name in self.started:
@@ -120,8 +132,8 @@ class FastEngines:
             engine = engine_class(name).create(context)
         except Exception as err:  # noqa: BLE001 - any failure to start means: stay on the HF engines
             first_line = str(err).splitlines()[0] if str(err) else ""
-            logger.warning("auto: the %s engine could not start (%s: %s); this call and later ones stay on the "
-                           "HF engines.", name, type(err).__name__, first_line)
+            logger.warning("auto: the %s engine could not start (%s: %s); it is no longer used by this generator.",
+                           name, type(err).__name__, first_line)
             self.candidates = [c for c in self.candidates if c.name != name]
             return None
         logger.info("auto: started the %s engine in %.1f s.", name, time.perf_counter() - started)
