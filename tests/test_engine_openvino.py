@@ -281,3 +281,29 @@ def test_one_engine_per_process_under_accelerate_launch(llama_path, tmp_path):
         assert record["answers"] == expected
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] and \
         not [p for p in cache.iterdir() if p.name.startswith(".export-")]
+
+
+def test_cli_fast_engine_after(llama_path, tmp_path):
+    """`simple-generation run --fast-engine-after 0`: the job runs on OpenVINO (the log says so), and its
+    records equal those of the same job on the static engine."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:8]))
+    env = dict(os.environ, SIMPLE_GENERATION_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+
+    def run(out, *extra):
+        done = subprocess.run([sys.executable, "-m", "simple_generation.cli", "run", llama_path, "--input",
+                               str(source), "--output", str(out), "--max-new-tokens", "8", "--temperature", "0",
+                               "--no-emissions", *extra], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads(line) for line in out.read_text().splitlines()], done.stderr
+
+    fast, log = run(tmp_path / "fast.jsonl", "--fast-engine-after", "0")
+    assert "auto: openvino" in log
+    static, _ = run(tmp_path / "static.jsonl", "--engine", "static")
+    assert [r["answer"] for r in fast] == [r["answer"] for r in static]
