@@ -95,5 +95,4 @@ class EngineOutput:
 
     sequences: list[list[int]] = field(default_factory=list)
     finish_reasons: list[FinishReason | None] | None = None
-    logprobs: list[list[float]] | None = None
     error: str | None = None
