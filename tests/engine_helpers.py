@@ -26,3 +26,59 @@ def run_all(engine, requests, **kwargs):
 def trim_eos(ids, eos):
     """``ids`` up to and including the first ``eos``."""
     return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def tokenized_prompts(path):
+    """The test prompts as token ids of the checkpoint's tokenizer (no template)."""
+    from transformers import AutoTokenizer
+
+    from .prompts import PROMPTS
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+def fp32_model(path):
+    """The checkpoint as an HF fp32 model in eval mode: the reference for exact greedy answers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def static_answers(path, prompts, **kwargs):
+    """Greedy answers (continuations) of the HF static engine: what a fast engine must match in fp32."""
+    from simple_generation import SimpleGenerator
+
+    generator = SimpleGenerator(path, engine="static", track_emissions=False, **kwargs)
+    return generator(prompts, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+
+
+_TWO_PROCESS_SCRIPT = """
+import json, os, sys
+from simple_generation import SimpleGenerator
+from tests.prompts import PROMPTS
+
+path, out, engine, engine_kwargs = sys.argv[1:5]
+gen = SimpleGenerator(path, engine=engine, track_emissions=False, **json.loads(engine_kwargs))
+answers = gen(PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
+with open(os.path.join(out, f"rank{gen.distribution.rank}.json"), "w") as handle:
+    json.dump({"world_size": gen.distribution.world_size, "answers": answers, "engine": gen.last_run.engine}, handle)
+"""
+
+
+def two_process_records(path, out_dir, engine, **engine_kwargs) -> list[dict]:
+    """Run one greedy call over the test prompts in two real `accelerate launch` processes (gloo on the
+    CPU), each building its own generator with ``engine``; what each rank got, by rank."""
+    import json
+    import subprocess
+
+    from .test_distributed import ROOT, _env, _free_port, _launch_command
+
+    script = out_dir / "two_processes.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    command = _launch_command(2, _free_port(), "--num_machines", "1", str(script), path, str(out_dir), engine,
+                              json.dumps(engine_kwargs))
+    done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -13,13 +13,21 @@ pytest.importorskip("optimum.intel")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from simple_generation.engines import engine_class  # noqa: E402
 from simple_generation.engines.base import EngineContext  # noqa: E402
 from simple_generation.requests import Request  # noqa: E402
 
-from .engine_helpers import make_params, run_all, trim_eos  # noqa: E402
+from .engine_helpers import (  # noqa: E402
+    fp32_model,
+    make_params,
+    run_all,
+    static_answers,
+    tokenized_prompts,
+    trim_eos,
+    two_process_records,
+)
 from .prompts import PROMPTS  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -51,13 +59,12 @@ def engine(engine_factory):
 
 @pytest.fixture(scope="module")
 def prompt_ids(llama_path):
-    tokenizer = AutoTokenizer.from_pretrained(llama_path)
-    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+    return tokenized_prompts(llama_path)
 
 
 @pytest.fixture(scope="module")
 def hf_model(llama_path):
-    return AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32).eval()
+    return fp32_model(llama_path)
 
 
 def hf_greedy_ids(model, ids, max_new_tokens):
@@ -242,41 +249,13 @@ def test_lora_is_merged_into_the_export(llama_path, lora_adapter, ov_cache):
     assert answers != base(prompts, **kwargs)  # the adapter changes answers: it was applied
 
 
-_DP_SCRIPT = """
-import json, os, sys
-from simple_generation import SimpleGenerator
-from tests.prompts import PROMPTS
-
-path, out, cache = sys.argv[1:4]
-gen = SimpleGenerator(path, engine="openvino", ov_cache_dir=cache, num_threads=1, track_emissions=False)
-answers = gen(PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
-rank = gen.distribution.rank
-with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
-    json.dump({"world_size": gen.distribution.world_size, "answers": answers, "engine": gen.last_run.engine}, handle)
-"""
-
-
 def test_one_engine_per_process_under_accelerate_launch(llama_path, tmp_path):
     """Two `accelerate launch` processes, each with its own OpenVINO engine (one export, shared through the
     cache without a race): every rank returns every answer, in order, equal to one process's."""
-    import json
-    import subprocess
-
-    from simple_generation import SimpleGenerator
-
-    from .test_distributed import ROOT, _env, _free_port, _launch_command
-
-    script = tmp_path / "dp.py"
-    script.write_text(_DP_SCRIPT)
     cache = tmp_path / "cache"
-    command = _launch_command(2, _free_port(), "--num_machines", "1", str(script), llama_path, str(tmp_path),
-                              str(cache))
-    done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    expected = SimpleGenerator(llama_path, engine="static", track_emissions=False)(
-        PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
-    for rank in (0, 1):
-        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    records = two_process_records(llama_path, tmp_path, "openvino", ov_cache_dir=str(cache), num_threads=1)
+    expected = static_answers(llama_path, PROMPTS)
+    for record in records:
         assert record["world_size"] == 2 and record["engine"] == "openvino"
         assert record["answers"] == expected
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] and \

@@ -18,14 +18,22 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from simple_generation.engines import engine_class  # noqa: E402
 from simple_generation.engines.base import EngineContext  # noqa: E402
 from simple_generation.requests import Request  # noqa: E402
 from simple_generation.tiny import build_tiny_checkpoint  # noqa: E402
 
-from .engine_helpers import make_params, run_all, trim_eos  # noqa: E402
+from .engine_helpers import (  # noqa: E402
+    fp32_model,
+    make_params,
+    run_all,
+    static_answers,
+    tokenized_prompts,
+    trim_eos,
+    two_process_records,
+)
 from .prompts import PROMPTS  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -49,13 +57,12 @@ def engine(llama64_path):
 
 @pytest.fixture(scope="module")
 def prompt_ids(llama64_path):
-    tokenizer = AutoTokenizer.from_pretrained(llama64_path)
-    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+    return tokenized_prompts(llama64_path)
 
 
 @pytest.fixture(scope="module")
 def hf_model(llama64_path):
-    return AutoModelForCausalLM.from_pretrained(llama64_path, dtype=torch.float32).eval()
+    return fp32_model(llama64_path)
 
 
 def test_kwargs_routing_without_importing_vllm():
@@ -180,21 +187,28 @@ print("SAMPLED", bf16.last_run.engine, flush=True)
 """
 
 
+def run_script(tmp_path, source: str, *args: str) -> str:
+    """Run ``source`` as a script in its own Python process (vLLM in-process allows one engine per process),
+    with the repository importable; its stdout."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=900,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_auto_moves_bf16_greedy_calls_to_vllm(llama64_path, tmp_path):
     """engine="auto": an fp32 model stays on the exact HF engines on a CPU; a bf16 one moves its greedy
     calls to vLLM (fast_engine_after_s=0 stands in for a large job) and its store resumes; sampled calls stay
     on HF."""
-    script = tmp_path / "auto.py"
-    script.write_text(_AUTO_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, str(script), llama64_path], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "FP32 continuous" in done.stdout
-    assert "BF16 vllm 6 True" in done.stdout
-    assert "STORE 0 6 True" in done.stdout  # answers committed by vLLM serve the rerun
-    assert "SAMPLED continuous" in done.stdout
+    stdout = run_script(tmp_path, _AUTO_SCRIPT, llama64_path)
+    assert "FP32 continuous" in stdout
+    assert "BF16 vllm 6 True" in stdout
+    assert "STORE 0 6 True" in stdout  # answers committed by vLLM serve the rerun
+    assert "SAMPLED continuous" in stdout
 
 
 _LORA_SCRIPT = """
@@ -222,14 +236,8 @@ def test_lora_template_and_conversation(llama64_path, tmp_path):
     from .conftest import make_lora_adapter
 
     adapter = make_lora_adapter(llama64_path, tmp_path / "adapter")
-    script = tmp_path / "lora.py"
-    script.write_text(_LORA_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, str(script), llama64_path, adapter], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    printed = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in done.stdout.splitlines()
+    stdout = run_script(tmp_path, _LORA_SCRIPT, llama64_path, adapter)
+    printed = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in stdout.splitlines()
                if x.startswith(("ANSWERS ", "CONVERSATION "))}
     kwargs = dict(max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
     hf = SimpleGenerator(llama64_path, engine="static", lora_weights=adapter, merge_lora=False,
@@ -242,36 +250,12 @@ def test_lora_template_and_conversation(llama64_path, tmp_path):
     assert printed["ANSWERS"] != base(PROMPTS[:6], **kwargs)
 
 
-_DP_SCRIPT = """
-import json, os, sys
-from simple_generation import SimpleGenerator
-from tests.prompts import PROMPTS
-
-path, out = sys.argv[1:3]
-gen = SimpleGenerator(path, engine="vllm", max_model_len=256, track_emissions=False)
-answers = gen(PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
-rank = gen.distribution.rank
-with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
-    json.dump({"world_size": gen.distribution.world_size, "answers": answers, "engine": gen.last_run.engine}, handle)
-"""
-
-
 def test_one_engine_per_process_under_accelerate_launch(llama64_path, tmp_path):
     """Two `accelerate launch` processes, each starting its own in-process vLLM (the launcher's RANK/
     WORLD_SIZE hidden from it): every rank returns every answer, in order, equal to HF's fp32 ones."""
-    from simple_generation import SimpleGenerator
-
-    from .test_distributed import ROOT, _env, _free_port, _launch_command
-
-    script = tmp_path / "dp.py"
-    script.write_text(_DP_SCRIPT)
-    command = _launch_command(2, _free_port(), "--num_machines", "1", str(script), llama64_path, str(tmp_path))
-    done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    expected = SimpleGenerator(llama64_path, engine="static", track_emissions=False)(
-        PROMPTS, max_new_tokens=8, temperature=0, skip_prompt=True, show_progress_bar=False)
-    for rank in (0, 1):
-        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    records = two_process_records(llama64_path, tmp_path, "vllm", max_model_len=256)
+    expected = static_answers(llama64_path, PROMPTS)
+    for record in records:
         assert record["world_size"] == 2 and record["engine"] == "vllm"
         assert record["answers"] == expected
 
@@ -295,12 +279,6 @@ print("AUTO " + json.dumps([len(again), auto.last_run.engine]), flush=True)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and the CUDA build of vLLM)")
 def test_on_a_gpu(llama64_path, tmp_path):
     """The CUDA build: a bf16 model by name, one answer per prompt, in order; then auto moving a greedy call."""
-    script = tmp_path / "gpu.py"
-    script.write_text(_GPU_SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, str(script), llama64_path], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f'NAMED [{len(PROMPTS)}, "vllm"]' in done.stdout
-    assert f'AUTO [{len(PROMPTS)}, "vllm"]' in done.stdout
+    stdout = run_script(tmp_path, _GPU_SCRIPT, llama64_path)
+    assert f'NAMED [{len(PROMPTS)}, "vllm"]' in stdout
+    assert f'AUTO [{len(PROMPTS)}, "vllm"]' in stdout
