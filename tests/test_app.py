@@ -111,6 +111,15 @@ def set_number(page, elem_id: str, value) -> None:
     page.wait_for_function(f"document.querySelector('#{elem_id} input[type=number]').value == '{value}'")
 
 
+def run_batch(page, source, max_new_tokens: int) -> None:
+    """Upload ``source`` in the Batch tab, run it, and wait until the status says it is done."""
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-file input[type=file]").set_input_files(str(source))
+    set_number(page, "batch-max-new-tokens", max_new_tokens)
+    page.click("#batch-run")
+    page.wait_for_function("document.querySelector('#batch-status').innerText.includes('Done')")
+
+
 def chat_settings(page, max_new_tokens=CHAT_TOKENS, temperature=0) -> None:
     set_number(page, "chat-temperature", temperature)
     set_number(page, "chat-max-new-tokens", max_new_tokens)
@@ -256,11 +265,7 @@ def test_batch_tab_runs_a_file_like_the_cli(open_page, gen, rambling_path, tmp_p
     source.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
 
     page = open_page()
-    page.get_by_role("tab", name="Batch").click()
-    page.locator("#batch-file input[type=file]").set_input_files(str(source))
-    set_number(page, "batch-max-new-tokens", 6)
-    page.click("#batch-run")
-    page.wait_for_function("document.querySelector('#batch-status').innerText.includes('Done')")
+    run_batch(page, source, max_new_tokens=6)
     assert "30/30 prompts" in page.inner_text("#batch-status")
     page.wait_for_selector("#batch-download a")
     with page.expect_download() as download:
@@ -284,11 +289,7 @@ def test_batch_tab_runs_a_file_like_the_cli(open_page, gen, rambling_path, tmp_p
 
     # The same file again, after a reload: answers come from the store instead of being generated again.
     page.reload()
-    page.get_by_role("tab", name="Batch").click()
-    page.locator("#batch-file input[type=file]").set_input_files(str(source))
-    set_number(page, "batch-max-new-tokens", 6)
-    page.click("#batch-run")
-    page.wait_for_function("document.querySelector('#batch-status').innerText.includes('Done')")
+    run_batch(page, source, max_new_tokens=6)
     assert "30/30 prompts · 30 from the store" in page.inner_text("#batch-status")
     page.set_viewport_size({"width": 420, "height": 900})
     page.screenshot(path=str(tmp_path / "app-batch-narrow.png"), full_page=True)

@@ -93,24 +93,38 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(timeout=5)
 
 
+def start_job(source, model, out, batch_size: int) -> tuple[threading.Thread, dict]:
+    """A greedy two-replica job on its own thread (the test kills things meanwhile); ``outcome`` gets the
+    job's ``summary`` or the ``error`` it raised."""
+    outcome: dict = {}
+
+    def job():
+        try:
+            outcome["summary"] = generate_dataset(str(source), model, str(out), replicas=2, batch_size=batch_size,
+                                                  **GREEDY, **QUIET)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    return thread, outcome
+
+
 @contextlib.contextmanager
 def private_auth_token():
     """Ray >= 2.5x enables token authentication and keeps one token in ~/.ray/auth_token, shared by every
     Ray instance of this user: clusters started at the same time by other test runs would overwrite it.
     This cluster and its drivers (this process, subprocesses) use their own token, given in the environment."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    _reset_token_cache()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with pytest.MonkeyPatch.context() as patch:  # restores the three variables on the way out
+        patch.setenv("RAY_AUTH_MODE", "token")
+        patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+        patch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
         _reset_token_cache()
+        try:
+            yield
+        finally:
+            patch.undo()
+            _reset_token_cache()
 
 
 def _reset_token_cache() -> None:
@@ -258,17 +272,7 @@ def test_sigkill_of_a_replica_mid_job_every_record_once(cluster, reference, llam
     prompts, answers = reference
     source = write_jsonl(tmp_path / "in.jsonl", prompts)
     out = tmp_path / "out"
-    outcome: dict = {}
-
-    def job():
-        try:
-            outcome["summary"] = generate_dataset(str(source), llama_path, str(out), replicas=2, batch_size=2,
-                                                  **GREEDY, **QUIET)
-        except BaseException as err:  # noqa: BLE001 - reported by the main thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=job)
-    thread.start()
+    thread, outcome = start_job(source, llama_path, out, batch_size=2)
     victim = None
     deadline = time.time() + 300
     while thread.is_alive() and time.time() < deadline:
@@ -374,17 +378,7 @@ def test_worker_node_killed_mid_job_every_record_once(cluster, reference, llama_
     cluster["add_node"]()  # room for the displaced replicas: 2 nodes x 2 CPUs, 2 replicas of 1 CPU
     source = write_jsonl(tmp_path / "in.jsonl", prompts)
     out = tmp_path / "out"
-    outcome: dict = {}
-
-    def job():
-        try:
-            outcome["summary"] = generate_dataset(str(source), llama_path, str(out), replicas=2, batch_size=1,
-                                                  **GREEDY, **QUIET)
-        except BaseException as err:  # noqa: BLE001 - reported by the main thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=job)
-    thread.start()
+    thread, outcome = start_job(source, llama_path, out, batch_size=1)
     victim = None
     deadline = time.time() + 300
     while thread.is_alive() and time.time() < deadline and victim is None:
