@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -110,10 +111,11 @@ class SimpleGenerator:
             raise TypeError(f"engine must be a name such as 'auto', got {engine!r}.")
         self.distribution = current_distribution()
         self.model_name_or_path = str(model_name_or_path)
-        runtime_engine = engine not in ("auto", "static", "continuous")
+        runtime_engine = False  # an engine with its own runtime: no HF model to load
         engine_kwargs: dict[str, Any] = {}
         if engine != "auto":
             cls = engine_class(engine)
+            runtime_engine = not cls.needs_hf_model
             problem = cls.available()
             if problem is not None:
                 raise ValueError(f"engine={engine!r} cannot run here: {problem}")
@@ -195,10 +197,11 @@ class SimpleGenerator:
         self.context_length = context_length(self.config)
         self._forward_params = set(inspect.signature(self.model.forward).parameters) if self.model is not None \
             else set()
-        self._identity_parts = (self.model_name_or_path, tokenizer_name_or_path, self.config, lora_weights, dtype,
-                                quantization, model_kwargs)
+        self._identity_of = functools.partial(_model_identity, self.model_name_or_path, tokenizer_name_or_path,
+                                              self.config, lora_weights, dtype, quantization,
+                                              model_kwargs=model_kwargs)
         self._identities: dict[str, str] = {}
-        self.model_identity = self._identity("hf" if not runtime_engine else engine)
+        self.model_identity = self._identity(_family(self.engine))
         self.last_run = RunSummary()
 
     # ------------------------------------------------------------------ engines
@@ -216,23 +219,23 @@ class SimpleGenerator:
 
     def _identity(self, family: str) -> str:
         """The model identity in store keys for answers of this engine family ("hf", "vllm", "openvino")."""
-        if family not in self._identities:
-            self._identities[family] = _model_identity(*self._identity_parts[:-1], family, self._identity_parts[-1])
+        if family not in self._identities:  # once per family: the weights' files are stat'ed
+            self._identities[family] = self._identity_of(family=family)
         return self._identities[family]
 
     def _choose_engine(self, distinct: list, job: JobSize):
         """(engine, why, model identity) for a call: see :mod:`simple_generation.engines.select`."""
         if not job.requests:
-            return self.engine, self.engine_reason, self._identity(_family(self.engine.name))
+            return self.engine, self.engine_reason, self._identity(_family(self.engine))
         engine, why = self._engine_for(distinct)
-        if self._fast is not None and engine.name in ("static", "continuous"):
+        if self._fast is not None and engine.needs_hf_model:
             fast, why_fast = self._fast.choose(distinct, job)
             if fast is not None:
                 logger.info("Engine: auto: %s", why_fast)
                 return fast, f"auto: {why_fast}", self._identity(fast.name)
             if why_fast:
                 why = f"{why}; {why_fast}"
-        return engine, why, self._identity(_family(engine.name))
+        return engine, why, self._identity(_family(engine))
 
     def _engine_for(self, distinct: Sequence):
         """The first engine of the preference order that supports every parameter set of the call."""
@@ -609,9 +612,9 @@ def _weights_signature(path: str) -> list:
     return signature
 
 
-def _family(engine_name: str) -> str:
+def _family(engine) -> str:
     """The engine family in store keys: the HF engines share answers (both exact), runtimes do not."""
-    return "hf" if engine_name in ("static", "continuous") else engine_name
+    return "hf" if engine.needs_hf_model else engine.name
 
 
 def _model_identity(model_name_or_path, tokenizer_name_or_path, config, lora_weights, dtype, quantization,

@@ -45,15 +45,17 @@ class FastChoice:
 class FastEngines:
     """Installed fast engines for one loaded HF model, started when a call first pays for one."""
 
-    def __init__(self, candidates: list[FastEngineEstimate], *, parameters: int, on_gpu: bool, device: str,
-                 after_s: float | None, context: EngineContext):
+    def __init__(self, candidates: list[FastEngineEstimate], *, parameters: int, after_s: float | None,
+                 context: EngineContext):
         self.candidates = candidates
         self.parameters = parameters
-        self.on_gpu = on_gpu
-        self.device = device
         self.after_s = after_s
-        self.context = context  # model path, tokenizer, config, loading keywords and LoRA for every engine
+        self.context = context  # model path, device, tokenizer, config, loading keywords and LoRA for every engine
         self.started: dict[str, Any] = {}
+
+    @property
+    def on_gpu(self) -> bool:
+        return str(self.context.device).startswith("cuda")
 
     @classmethod
     def for_model(cls, model, *, placement: str, quantization: str | None, compiled: bool, world_size: int,
@@ -89,8 +91,7 @@ class FastEngines:
             model_name_or_path=model_name_or_path, tokenizer=tokenizer, config=model.config, is_encoder_decoder=False,
             model_kwargs={"dtype": dtype, **{k: model_kwargs[k] for k in _LOADING_KEYS if k in model_kwargs}},
             lora_weights=lora_weights, device=device)
-        return cls(candidates, parameters=parameters, on_gpu=on_gpu, device=device, after_s=after_s,
-                   context=context)
+        return cls(candidates, parameters=parameters, after_s=after_s, context=context)
 
     def choose(self, distinct: Sequence[GenerationParams], job: JobSize) -> tuple[Any | None, str]:
         """(the fast engine for this call, or None; why). The engine is the started one when it runs
@@ -117,7 +118,7 @@ class FastEngines:
         if name == "vllm" and self.on_gpu:
             import torch
 
-            free, total = torch.cuda.mem_get_info(self.device)
+            free, total = torch.cuda.mem_get_info(self.context.device)
             # the HF model stays loaded: give vLLM what is free, less a margin
             engine_kwargs["gpu_memory_utilization"] = round(max(0.05, (free - (1 << 30)) / total), 3)
         elif name == "vllm":

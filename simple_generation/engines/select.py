@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from . import REGISTRY, engine_class
+from . import engine_class
 
 logger = logging.getLogger("simple_generation")
 
@@ -33,24 +33,18 @@ def hf_auto_order(is_encoder_decoder: bool) -> list[str]:
 
 
 def choose_engine(requested: str, is_encoder_decoder: bool) -> tuple[list[str], str]:
-    """(engine names in order of preference, why) for the constructor's ``engine`` argument.
+    """(HF engine names in order of preference, why) for the constructor's ``engine`` argument.
 
     ``"auto"`` picks among the HF engines, which share the loaded model: continuous batching for
     causal models (falling back to static batching, per call, for what it does not support), static
-    batching for encoder-decoders. vLLM and OpenVINO load their own runtime and are used when asked
-    for by name (their start-up costs minutes on a CPU, which only pays for large jobs).
+    batching for encoder-decoders. On top of that, a large call may move to a fast engine: see
+    :func:`pick_fast_engine`. The constructor has already checked that a named engine exists and can run.
     """
     if requested == "auto":
         order = hf_auto_order(is_encoder_decoder)
         why = ("continuous batching for a causal model" if order[0] == "continuous"
                else "static batching" + (" (encoder-decoder)" if is_encoder_decoder else ""))
         return order, f"auto: {why}"
-    if requested not in REGISTRY:
-        engine_class(requested)  # raises with the list of names
-    cls = engine_class(requested)
-    problem = cls.available()
-    if problem is not None:
-        raise ValueError(f"engine={requested!r} cannot run here: {problem}")
     if requested == "continuous" and is_encoder_decoder:
         raise ValueError("engine='continuous' runs causal (decoder-only) models; this is an encoder-decoder: use "
                          "engine='static' or 'auto'.")
