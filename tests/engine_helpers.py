@@ -13,6 +13,17 @@ def make_params(**config) -> GenerationParams:
                             fingerprint=fingerprint, batch_key=fingerprint)
 
 
+def engine_context(path, **engine_kwargs):
+    """What the façade hands an engine class for the checkpoint at ``path`` (causal, loaded by the engine)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from simple_generation.engines.base import EngineContext
+
+    return EngineContext(model_name_or_path=path, tokenizer=AutoTokenizer.from_pretrained(path),
+                         config=AutoConfig.from_pretrained(path), is_encoder_decoder=False,
+                         engine_kwargs=engine_kwargs)
+
+
 def run_all(engine, requests, **kwargs):
     """``{request id: output}`` of one engine run; each request must come back exactly once."""
     outputs = {}

@@ -13,13 +13,13 @@ pytest.importorskip("optimum.intel")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from simple_generation.engines import engine_class  # noqa: E402
 from simple_generation.engines.base import EngineContext  # noqa: E402
 from simple_generation.requests import Request  # noqa: E402
 
 from .engine_helpers import (  # noqa: E402
+    engine_context,
     fp32_model,
     make_params,
     run_all,
@@ -40,14 +40,9 @@ def ov_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_factory(llama_path, ov_cache):
-    tokenizer = AutoTokenizer.from_pretrained(llama_path)
-    config = AutoConfig.from_pretrained(llama_path)
-
     def make(**engine_kwargs):
         engine_kwargs.setdefault("ov_cache_dir", ov_cache)
-        context = EngineContext(model_name_or_path=llama_path, tokenizer=tokenizer, config=config,
-                                is_encoder_decoder=False, engine_kwargs=engine_kwargs)
-        return engine_class("openvino").create(context)
+        return engine_class("openvino").create(engine_context(llama_path, **engine_kwargs))
 
     return make
 

@@ -18,14 +18,13 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from simple_generation.engines import engine_class  # noqa: E402
-from simple_generation.engines.base import EngineContext  # noqa: E402
 from simple_generation.requests import Request  # noqa: E402
 from simple_generation.tiny import build_tiny_checkpoint  # noqa: E402
 
 from .engine_helpers import (  # noqa: E402
+    engine_context,
     fp32_model,
     make_params,
     run_all,
@@ -44,15 +43,9 @@ def llama64_path(tmp_path_factory):
     return str(build_tiny_checkpoint(tmp_path_factory.mktemp("vllm") / "llama64", "llama", hidden=128, heads=2))
 
 
-def make_context(path, **engine_kwargs):
-    return EngineContext(model_name_or_path=path, tokenizer=AutoTokenizer.from_pretrained(path),
-                         config=AutoConfig.from_pretrained(path), is_encoder_decoder=False,
-                         engine_kwargs=engine_kwargs)
-
-
 @pytest.fixture(scope="module")
 def engine(llama64_path):
-    return engine_class("vllm").create(make_context(llama64_path, max_model_len=256))
+    return engine_class("vllm").create(engine_context(llama64_path, max_model_len=256))
 
 
 @pytest.fixture(scope="module")
