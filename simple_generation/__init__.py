@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .logs import setup_library_logger
 
-__version__ = "0.4.0"
+__version__ = "1.0.0"
 
 _EXPORTS = {
     "BatchGenerationError": ".scheduling",

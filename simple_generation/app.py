@@ -10,7 +10,10 @@ gradio ``Blocks`` and ``serve(gen)`` launches it on 127.0.0.1.
   records (the command line's records). Answers go to a SQLite store named after the file's content and the
   parameters, so uploading the same file again (after a reload or a restart) resumes instead of starting over.
 
-Only uploaded files are read: no path typed in the page ever reaches the server's disk.
+Only uploaded files are read: no path typed in the page ever reaches the server's disk. Messages are shown as
+text (no HTML from a model or a user is rendered), and every response carries a Content-Security-Policy that
+lets the page load nothing from outside the app. Uploads are limited in size (``max_upload_mb``); a finished
+session's uploads and results files are deleted.
 
 Example:
     >>> from simple_generation import SimpleGenerator
@@ -23,6 +26,8 @@ import json
 import logging
 import os
 import queue
+import re
+import shutil
 import tempfile
 import threading
 import time
@@ -31,12 +36,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .defaults import BATCH_DEFAULTS
+
 logger = logging.getLogger("simple_generation")
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".csv")
 PREVIEW_ROWS = 200
 MAX_SESSIONS = 10_000
 UPDATE_INTERVAL_S = 0.1
+MAX_UPLOAD_MB = 25.0          # a 25 MB file is ~100k prompts; reading it holds nothing, generating it is the work
+CACHE_CLEANUP = (3600, 86_400)  # gradio's uploads and results copies older than a day go, checked hourly
+
+# Nothing the page loads may come from outside the app: a model answer (or a message) that slips markup past the
+# text rendering still cannot fetch an image, a stylesheet, a frame or send a request to another server.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; media-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; "
+    "frame-src 'self'; worker-src 'self' blob:; object-src 'none'; base-uri 'self'; form-action 'self'; "
+    "frame-ancestors 'self'"
+)
+SECURITY_HEADERS = (
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-content-type-options", b"nosniff"),
+)
 
 CSS = """
 .gradio-container { max-width: min(1100px, 100vw) !important; margin: 0 auto; }
@@ -61,24 +84,20 @@ def default_system_message(gen) -> str | None:
     return formatter.template.system_message if formatter.template is not None else ""
 
 
-def chat_request(gen, messages: Sequence[dict[str, str]], system_message: str | None = None) -> str | list[dict]:
-    """What ``conversation_from_user_prompts`` gives the generator for a conversation ending with a user turn.
+def chat_request(gen, messages: Sequence[dict[str, str]], system_message: str | None = None) -> list[dict]:
+    """What the generator is given for a conversation ending with a user turn: the message list, which the
+    formatter renders as ``conversation_from_user_prompts`` does (the named template, else the tokenizer's chat
+    template, else the plain transcript followed by ``Assistant:``). Message contents are tokenized as text: a
+    ``</s>`` typed in the page is never the control token.
 
-    With a named template or a tokenizer chat template, the message list (the formatter renders it); else the
-    plain transcript followed by ``Assistant:``. A system message other than the default goes first as a
-    ``system`` message (it replaces the template's, as FastChat does).
+    A system message other than the default goes first as a ``system`` message (it replaces the template's, as
+    FastChat does).
     """
-    from .conversation import Conversation
-
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    formatter = gen.formatter
-    if formatter.formats_conversations:
+    if gen.formatter.formats_conversations:
         if system_message is not None and system_message != default_system_message(gen):
             messages = [{"role": "system", "content": system_message}] + messages
-        return messages
-    conversation = Conversation(messages=messages, template=formatter.template,
-                                system_message=formatter.system_message, tokenizer=gen.tokenizer)
-    return f"{conversation}\nAssistant:"
+    return messages
 
 
 def visible_text(raw: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
@@ -208,11 +227,13 @@ class _nullcontext:
 # --------------------------------------------------------------------------------------------- batch logic
 @dataclass
 class BatchSettings:
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
+    """The batch tab's parameters; the defaults are the command line's (``defaults.BATCH_DEFAULTS``)."""
+
+    max_new_tokens: int = BATCH_DEFAULTS.max_new_tokens
+    temperature: float = BATCH_DEFAULTS.temperature
+    top_p: float = BATCH_DEFAULTS.top_p
     seed: int | None = None
-    skip_prompt: bool = True
+    skip_prompt: bool = BATCH_DEFAULTS.skip_prompt
     output_format: str = "jsonl"
 
     def generation(self) -> dict[str, Any]:
@@ -284,9 +305,11 @@ def _get(result: Any, name: str, default: Any = None) -> Any:
 def run_batch(gen, upload: str | Path, settings: BatchSettings, cache_dir: str | Path,
               on_progress: Callable[[BatchProgress], None] | None = None,
               lock: Any = None) -> tuple[Path, list[dict[str, Any]]]:
-    """Run every record of the uploaded file; return the results file and its records (in input order)."""
-    from .io import OrderedWriter, output_record
+    """Run every record of the uploaded file; return the results file and its records (in input order).
 
+    The results file is written in a new ``simple-generation-app-*`` folder of the temp folder (removed again if
+    the run fails; the app removes it once gradio has its copy).
+    """
     upload = Path(upload)
     suffix = upload.suffix.lower()
     if suffix not in INPUT_SUFFIXES:
@@ -299,6 +322,17 @@ def run_batch(gen, upload: str | Path, settings: BatchSettings, cache_dir: str |
     cache_dir.mkdir(parents=True, exist_ok=True)
     store = batch_store_path(data, suffix, settings, cache_dir)
     out_dir = Path(tempfile.mkdtemp(prefix="simple-generation-app-"))
+    try:
+        return _run_into(gen, upload, records, settings, store, out_dir, on_progress, lock)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _run_into(gen, upload: Path, records: list[Any], settings: BatchSettings, store: Path, out_dir: Path,
+              on_progress: Callable[[BatchProgress], None] | None, lock: Any) -> tuple[Path, list[dict[str, Any]]]:
+    from .io import OrderedWriter, output_record
+
     extension = "csv" if settings.output_format == "csv" else "jsonl"
     output = out_dir / f"{upload.stem}.answers.{extension}"
     by_index = {r.index: r for r in records}
@@ -334,12 +368,22 @@ def _template_name(gen) -> str:
     return "none (plain User:/Assistant: transcript)"
 
 
-def _engine_name(gen) -> str:
-    name = getattr(getattr(gen, "last_run", None), "engine", "") or ""
-    if name:
+def engine_description(gen) -> str:
+    """The engine that ran the last call (the one chosen at load before any), and why when it fell back.
+
+    Chat turns stream and can be stopped, which the continuous engine cannot do: they run on the static engine,
+    and the line says so.
+    """
+    run = getattr(gen, "last_run", None)
+    name = getattr(run, "engine", "") or ""
+    reason = getattr(run, "engine_reason", "") or ""
+    if not name:
+        engine = getattr(gen, "engine", None)
+        name = (getattr(engine, "name", None) or type(engine).__name__) if engine is not None else "hf"
+        reason = getattr(gen, "engine_reason", "") or ""
+    if "fell back" not in reason:
         return name
-    engine = getattr(gen, "engine", None)
-    return getattr(engine, "name", None) or type(engine).__name__ if engine is not None else "hf"
+    return f"{name} (fell back: {reason.rsplit('; fell back', 1)[0]})"
 
 
 class _Emissions:
@@ -370,15 +414,19 @@ class _Emissions:
 def about_line(gen, emissions: _Emissions) -> str:
     dtype = str(getattr(gen.model, "dtype", "")).replace("torch.", "")
     return (f"**Model** `{gen.model_name_or_path}` · **dtype** {dtype} · **device** {gen.placement} · "
-            f"**engine** {_engine_name(gen)} · **template** {_template_name(gen)} · "
+            f"**engine** {engine_description(gen)} · **template** {_template_name(gen)} · "
             f"**emissions since start** {emissions.describe(gen)}")
 
 
 # ------------------------------------------------------------------------------------------------------ UI
-def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-generation"):
+def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-generation",
+              max_upload_mb: float = MAX_UPLOAD_MB):
     """The gradio ``Blocks`` of the app for generator ``gen`` (``.launch()`` it, or use :func:`serve`).
 
-    ``cache_dir`` holds the batch tab's stores (default: :func:`default_cache_dir`).
+    ``cache_dir`` holds the batch tab's stores (default: :func:`default_cache_dir`). Its ``launch()`` adds the
+    app's Content-Security-Policy, refuses uploads over ``max_upload_mb`` megabytes and uses the app's CSS (other
+    launch arguments are gradio's). A session's uploads and results files are deleted when its page closes,
+    any left over after a day, and all of them when the server stops.
     """
     try:
         import gradio as gr
@@ -411,6 +459,38 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
                 del stop_events[oldest]
         return event
 
+    # Files of each session (uploads, gradio's copies of results) and results folders of runs in progress.
+    session_files: dict[str, set[str]] = {}
+    run_dirs: dict[str, set[Path]] = {}
+
+    def session_key(request: gr.Request | None) -> str:
+        return getattr(request, "session_hash", None) or "default"
+
+    def remember_upload(upload, request: gr.Request):
+        if upload:
+            with sessions_lock:
+                session_files.setdefault(session_key(request), set()).add(str(upload))
+
+    def after_batch(download, request: gr.Request):
+        """gradio has its copy of the results file: drop the run's folder, remember the copy for the session."""
+        key = session_key(request)
+        with sessions_lock:
+            folders = run_dirs.pop(key, set())
+            if download:
+                session_files.setdefault(key, set()).add(str(download))
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def end_session(request: gr.Request):
+        key = session_key(request)
+        with sessions_lock:
+            files = session_files.pop(key, set())
+            folders = run_dirs.pop(key, set())
+        for name in files:
+            _remove_upload(name)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def about() -> str:
         return about_line(gen, emissions)
 
@@ -428,7 +508,7 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
         messages = list(messages or [])
         if text and text.strip():
             messages.append({"role": "user", "content": text})
-        return "", messages, _display(messages)
+        return "", messages, _display(messages), gr.update(interactive=True)
 
     def respond(messages: list, system: str | None, temperature: float, top_p: float, max_new_tokens: float,
                 request: gr.Request):
@@ -460,7 +540,7 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
         session_event(request).set()
         return [], [], ""
 
-    def batch(upload, max_new_tokens, temperature, top_p, seed, skip_prompt, output_format,
+    def batch(upload, max_new_tokens, temperature, top_p, seed, skip_prompt, output_format, request: gr.Request,
               progress=gr.Progress()):  # noqa: B008 - gradio's idiom
         if upload is None:
             raise gr.Error("Upload a .txt, .jsonl or .csv file first.")
@@ -483,13 +563,20 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
         except Exception as err:
             logger.exception("Batch run failed")
             raise gr.Error(f"{type(err).__name__}: {err}") from err
+        with sessions_lock:
+            run_dirs.setdefault(session_key(request), set()).add(output.parent)
         emissions.add(gen.last_run)
         p = last.get("p")
         failed = sum(1 for r in rows if r.get("error"))
         summary = f"Done: {p.describe() if p else ''}" + (f" · **{failed} failed**" if failed else "")
         return summary, _preview(rows), str(output), about()
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    class AppBlocks(gr.Blocks):
+        def launch(self, *args, **kwargs):
+            """gradio's ``launch``, with the app's security headers, upload limit and CSS."""
+            return super().launch(*args, **launch_options(kwargs, max_upload_mb))
+
+    with AppBlocks(title=title, analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(f"## {title}")
         about_md = gr.Markdown(about(), elem_id="about")
         with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
@@ -500,7 +587,8 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
                 textbox = gr.Textbox(placeholder="Type a message, Enter to send", show_label=False, scale=5,
                                      min_width=200, elem_id="chat-input", autofocus=True)
                 send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
-                stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="chat-stop")
+                stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="chat-stop",
+                                        interactive=False)
                 clear_button = gr.Button("Clear", scale=1, min_width=80, elem_id="chat-clear")
             chat_status = gr.Markdown("", elem_id="chat-status")
             with gr.Accordion("Generation settings", open=True):
@@ -525,39 +613,42 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
             upload = gr.File(label="Prompts file", file_types=list(INPUT_SUFFIXES), type="filepath",
                              elem_id="batch-file", height=120)
             with gr.Row():
-                b_max_new = gr.Slider(1, max_tokens_limit, value=min(128, max_tokens_limit), step=1,
-                                      label="Max new tokens", elem_id="batch-max-new-tokens", min_width=220)
-                b_temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)",
-                                          elem_id="batch-temperature", min_width=220)
-                b_top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top_p", elem_id="batch-top-p",
-                                    min_width=220)
+                b_max_new = gr.Slider(1, max_tokens_limit, value=min(BATCH_DEFAULTS.max_new_tokens, max_tokens_limit),
+                                      step=1, label="Max new tokens", elem_id="batch-max-new-tokens", min_width=220)
+                b_temperature = gr.Slider(0, 2, value=BATCH_DEFAULTS.temperature, step=0.05,
+                                          label="Temperature (0 = greedy)", elem_id="batch-temperature", min_width=220)
+                b_top_p = gr.Slider(0.05, 1, value=BATCH_DEFAULTS.top_p, step=0.05, label="top_p",
+                                    elem_id="batch-top-p", min_width=220)
             with gr.Row(equal_height=True):
                 b_seed = gr.Textbox(value="", label="Seed", placeholder="none (an integer for reproducible sampling)",
                                     elem_id="batch-seed", min_width=220)
-                b_skip = gr.Checkbox(value=True, label="Answer only (skip the prompt)", elem_id="batch-skip",
-                                     min_width=220)
+                b_skip = gr.Checkbox(value=BATCH_DEFAULTS.skip_prompt, label="Answer only (skip the prompt)",
+                                     elem_id="batch-skip", min_width=220)
                 b_format = gr.Radio(["jsonl", "csv"], value="jsonl", label="Results format",
                                     elem_id="batch-format", min_width=220)
             run_button = gr.Button("Run", variant="primary", elem_id="batch-run")
             batch_status = gr.Markdown("", elem_id="batch-status")
             table = gr.Dataframe(label="Results (preview)", elem_id="batch-table", interactive=False, wrap=True,
-                                 max_height=420)
-            download = gr.File(label="Results file", elem_id="batch-download", interactive=False)
+                                 max_height=420, visible=False)  # shown with the first results, never empty
+            download = gr.File(label="Results file", elem_id="batch-download", interactive=False, type="filepath")
 
         submit_inputs = [textbox, messages_state]
-        submit_outputs = [textbox, messages_state, chatbot]
+        submit_outputs = [textbox, messages_state, chatbot, stop_button]
         respond_inputs = [messages_state, system_box, temperature, top_p, max_new]
         respond_outputs = [messages_state, chatbot, chat_status, about_md]
         for trigger in (textbox.submit, send.click):
             trigger(add_user_message, submit_inputs, submit_outputs, queue=False).then(
                 respond, respond_inputs, respond_outputs, concurrency_id="model", concurrency_limit=1,
                 show_progress="hidden",
-            )
+            ).then(lambda: gr.update(interactive=False), None, stop_button, queue=False, show_progress="hidden")
         stop_button.click(stop, None, None, queue=False)
         clear_button.click(clear, None, [messages_state, chatbot, chat_status], queue=False)
         chatbot.clear(clear, None, [messages_state, chatbot, chat_status], queue=False)
         run_button.click(batch, [upload, b_max_new, b_temperature, b_top_p, b_seed, b_skip, b_format],
-                         [batch_status, table, download, about_md], concurrency_id="model", concurrency_limit=1)
+                         [batch_status, table, download, about_md], concurrency_id="model", concurrency_limit=1
+                         ).then(after_batch, download, None, queue=False, show_progress="hidden")
+        upload.upload(remember_upload, upload, None, queue=False, show_progress="hidden")
+        demo.unload(end_session)
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -572,10 +663,19 @@ def _is_upload(path: Path) -> bool:
         return False
 
 
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def as_text(content: str) -> str:
+    """``content`` for the chat display, shown as the text it is: every ``<`` that could open a tag or a comment
+    becomes ``&lt;``, so no markup from a model or a user is ever rendered (no image, link, frame or style)."""
+    return _TAG_START.sub("&lt;", content)
+
+
 def _display(messages: list[dict[str, str]], partial: str | None = None) -> list[dict[str, str]]:
-    shown = [{"role": m["role"], "content": m["content"]} for m in messages]
+    shown = [{"role": m["role"], "content": as_text(m["content"])} for m in messages]
     if partial is not None:
-        shown.append({"role": "assistant", "content": partial})
+        shown.append({"role": "assistant", "content": as_text(partial)})
     return shown
 
 
@@ -588,16 +688,65 @@ def _preview(rows: list[dict[str, Any]]):
                            for k, v in row.items()} for row in head])
     text_widths = {"prompt": 220, "answer": 240, "error": 120}
     widths = [f"{text_widths.get(name) or max(70, 9 * len(str(name)) + 28)}px" for name in frame.columns]
-    return gr.Dataframe(value=frame, column_widths=widths)
+    return gr.Dataframe(value=frame, column_widths=widths, visible=True)
 
 
-def serve(gen, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **launch_kwargs: Any):
+def serve(gen, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+          max_upload_mb: float = MAX_UPLOAD_MB, **launch_kwargs: Any):
     """Build the app and launch it: on 127.0.0.1 unless ``host`` says otherwise; ``share=True`` is a public link.
 
-    Blocks until interrupted, unless ``prevent_thread_lock=True`` is passed (then the ``Blocks`` is returned).
+    Uploads over ``max_upload_mb`` megabytes are refused. Blocks until interrupted, unless
+    ``prevent_thread_lock=True`` is passed (then the ``Blocks`` is returned).
     """
     cache_dir = launch_kwargs.pop("cache_dir", None)
-    demo = build_app(gen, cache_dir=cache_dir)
-    launch_kwargs.setdefault("css", CSS)
+    demo = build_app(gen, cache_dir=cache_dir, max_upload_mb=max_upload_mb)
     demo.launch(server_name=host, server_port=port, share=share, **launch_kwargs)
     return demo
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` (the Content-Security-Policy...) to every HTTP response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                message["headers"] = headers + [h for h in SECURITY_HEADERS if h[0] not in present]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def launch_options(kwargs: dict[str, Any], max_upload_mb: float = MAX_UPLOAD_MB) -> dict[str, Any]:
+    """gradio ``launch`` keywords with the app's own added: :class:`SecurityHeaders`, the upload limit, the CSS."""
+    from starlette.middleware import Middleware
+
+    if not max_upload_mb or max_upload_mb <= 0:
+        raise ValueError(f"max_upload_mb must be a positive number of megabytes, got {max_upload_mb!r}.")
+    options = dict(kwargs)
+    options.setdefault("css", CSS)
+    options.setdefault("max_file_size", int(max_upload_mb * 1024 * 1024))
+    app_kwargs = dict(options.get("app_kwargs") or {})
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(SecurityHeaders)]
+    options["app_kwargs"] = app_kwargs
+    return options
+
+
+def _remove_upload(name: str) -> None:
+    """Delete a file gradio keeps (an upload, a results copy) and its folder when that is left empty."""
+    path = Path(name)
+    if not _is_upload(path):
+        return
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass

@@ -2,25 +2,38 @@
 
 ``simple-generation MODEL ...`` (no subcommand) is ``run``. Arguments are checked before anything heavy is
 imported; torch and transformers load only once a model is really needed. Exit codes: 0 done; 1 runtime
-error (model not found, ...); 2 usage or input error (nothing was loaded); 3 finished, but some prompts
-failed (their records carry the error); 130 interrupted.
+error (model not found, ...); 2 usage or input error (nothing was loaded, the output untouched); 3 finished,
+but some prompts failed (their records carry the error); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+``run``'s generation defaults are :data:`simple_generation.defaults.BATCH_DEFAULTS` (greedy, answer only).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import io
 import json
 import logging
 import os
 import shutil
+import signal
+import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from .defaults import BATCH_DEFAULTS
+
 SUBCOMMANDS = ("run", "dedup", "chat")
-EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
+# Options users type from other tools, and ours (argparse's own suggestions come with Python 3.14).
+_OPTION_ALIASES = {"--max-tokens": "--max-new-tokens", "--max-length": "--max-new-tokens",
+                   "--max-completion-tokens": "--max-new-tokens", "--n": "--num-return-sequences",
+                   "--stop": "--generation stop_strings=...", "--model": "MODEL (the first argument)"}
+_ALL_OPTIONS: set[str] = set()
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -109,7 +122,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
+        if message.startswith("unrecognized arguments:"):
+            hints = [f"{option}: did you mean {hint}?" for option in message.split(":", 1)[1].split()
+                     if (hint := _suggest_option(option))]
+            if hints:
+                message += "; " + "; ".join(hints)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _suggest_option(option: str) -> str | None:
+    """The option meant by a mistyped ``--option`` (``--max-tokens`` -> ``--max-new-tokens``), or None."""
+    if not option.startswith("--"):
+        return None
+    name = option.split("=", 1)[0]
+    if name in _OPTION_ALIASES:
+        return _OPTION_ALIASES[name]
+    close = difflib.get_close_matches(name, sorted(_ALL_OPTIONS), n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +175,7 @@ def _add_input_options(group: argparse._ArgumentGroup, *, stdin_help: str = "- f
     group.add_argument("--prompt-field", metavar="NAME",
                        help='field holding the prompt (default: "prompt", else "text", else "messages")')
     group.add_argument("--messages-field", metavar="NAME", help="field holding chat message lists")
-    group.add_argument("--limit", type=_non_negative_int, metavar="N", help="only the first N records")
+    group.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N records (at least 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "  simple-generation dedup prompts.jsonl --threshold 0.9\n"
                     "  simple-generation chat MODEL --port 7860",
         epilog="Exit codes: 0 done, 1 runtime error, 2 usage/input error (nothing loaded), 3 some prompts failed "
-               "(see their records), 130 interrupted (rerun the same command to resume).",
+               "(see their records), 130 interrupted, 143 terminated (rerun the same command to resume).",
     )
     parser.add_argument("--version", action="version", version=f"simple-generation {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{run,dedup,chat}", parser_class=_Parser)
@@ -196,19 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
                           help="records read and generated at a time (memory stays flat)")
 
     gen = run.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=_positive_int, metavar="N")
-    gen.add_argument("--temperature", type=_float_in(0, None), help="0 for greedy decoding")
-    gen.add_argument("--top-p", type=_float_in(0, 1, low_open=True))
-    gen.add_argument("--top-k", type=_non_negative_int)
-    gen.add_argument("--num-beams", type=_positive_int)
+    # max-new-tokens and temperature default to None so that --generation may set them; the value used is
+    # BATCH_DEFAULTS' (see _generation_kwargs), shown in the help
+    gen.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                     help="most new tokens per answer, capped to the room left in the model's context "
+                          f"(default: {BATCH_DEFAULTS.max_new_tokens})")
+    gen.add_argument("--temperature", type=_float_in(0, None),
+                     help=f"0: greedy decoding; above 0: sampling (default: {BATCH_DEFAULTS.temperature:g}, greedy)")
+    gen.add_argument("--top-p", type=_float_in(0, 1, low_open=True),
+                     help=f"nucleus sampling, only when sampling (default: {BATCH_DEFAULTS.top_p})")
+    gen.add_argument("--top-k", type=_non_negative_int,
+                     help=f"top-k sampling, only when sampling (default: {BATCH_DEFAULTS.top_k})")
+    gen.add_argument("--num-beams", type=_positive_int, help="beam search (default: 1, no beams)")
     gen.add_argument("-n", "--num-return-sequences", type=_positive_int, metavar="N",
-                     help="answers per prompt (answer becomes a list)")
+                     help="answers per prompt (answer becomes a list; needs sampling or beams; default: 1)")
     gen.add_argument("--seed", type=_integer,
-                     help="sampling seed: an answer depends only on (prompt, parameters, seed)")
+                     help="sampling seed: an answer depends only on (prompt, parameters, seed) (default: none, "
+                          "torch's global generator)")
     gen.add_argument("--generation", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="any other generation setting, the value parsed as JSON (repeatable), "
                           "e.g. repetition_penalty=1.1")
-    gen.add_argument("--skip-prompt", action="store_true", help="return only the continuation")
+    gen.add_argument("--skip-prompt", action=argparse.BooleanOptionalAction, default=BATCH_DEFAULTS.skip_prompt,
+                     help="the answer holds only the continuation; --no-skip-prompt puts the prompt in front")
     gen.add_argument("--truncate-prompts", action="store_true",
                      help="keep the end of prompts longer than the context instead of failing them")
     gen.add_argument("--batch-size", type=_batch_size, default="auto", help='an integer or "auto"')
@@ -243,26 +281,59 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default="127.0.0.1", help="address to listen on")
     web.add_argument("--port", type=_positive_int, default=7860, help="port to listen on")
     web.add_argument("--share", action="store_true", help="also make a public share link")
+    web.add_argument("--max-upload-mb", type=float, default=25.0, metavar="MB",
+                     help="largest file the batch tab accepts, in megabytes")
     chat.set_defaults(func=cmd_chat)
+    for command in (parser, run, dedup, chat):
+        for action in command._actions:
+            _ALL_OPTIONS.update(o for o in action.option_strings if o.startswith("--"))
     return parser
 
 
 def _with_subcommand(argv: list[str]) -> list[str]:
-    """``simple-generation MODEL ...`` (the original form) means ``run MODEL ...``."""
+    """``simple-generation MODEL ...`` (the original form) means ``run MODEL ...``; a mistyped command
+    followed by another positional argument (``rnu MODEL``) is a usage error naming the command meant."""
     if not argv or argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help", "--version"):
         return argv
+    first = argv[0]
+    close = difflib.get_close_matches(first, SUBCOMMANDS, n=1, cutoff=0.6)
+    positional_follows = len(argv) == 1 or not argv[1].startswith("-")
+    if close and positional_follows and not first.startswith("-") and not Path(first).expanduser().exists():
+        raise UsageError(f"unknown command {first!r}, did you mean {close[0]!r}? (commands: {', '.join(SUBCOMMANDS)}; "
+                         "or simple-generation MODEL ... for run)")
     return ["run", *argv]
 
 
 # ---------------------------------------------------------------------------------------------- checks
 def _same_file(a: str | Path, b: str | Path) -> bool:
-    a, b = Path(a), Path(b)
+    """Whether two spellings name one file: the same inode when both exist, else the same resolved path
+    (symlinks followed, relative paths made absolute, case folded where the system folds it)."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
     try:
         if a.exists() and b.exists():
             return a.samefile(b)
     except OSError:
         pass
-    return a.expanduser().resolve() == b.expanduser().resolve()
+    return os.path.normcase(a.resolve()) == os.path.normcase(b.resolve())
+
+
+def _is_sqlite(path: str | Path) -> bool:
+    """Whether ``path`` is an existing file starting with SQLite's header (a store, or any database)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+def _is_regular_target(path: str | Path) -> bool:
+    """A path where a regular file is or can be (not /dev/null, a FIFO, a socket...)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _check_writable(path: str, what: str) -> None:
@@ -326,7 +397,8 @@ def _check_run(args: argparse.Namespace) -> None:
         raise UsageError("No prompts: pass --prompt TEXT (repeatable) or --input FILE.")
     if args.input and args.input != "-":
         source = Path(args.input).expanduser()
-        if not source.exists():
+        remote = args.ray is not None and "://" in args.input  # s3://, gs://...: Ray reads it, not this machine
+        if not source.exists() and not remote:
             raise UsageError(f"--input {args.input}: no such file or folder.")
     if args.input == "-" and args.input_format == "dataset":
         raise UsageError("a datasets folder cannot come from stdin.")
@@ -335,6 +407,8 @@ def _check_run(args: argparse.Namespace) -> None:
     if args.output:
         if args.input and args.input != "-" and _same_file(args.output, args.input):
             raise UsageError(f"--output {args.output} is the input file; refusing to overwrite it.")
+        if _is_sqlite(args.output):
+            raise UsageError(f"--output {args.output} is a SQLite database (a store?); refusing to overwrite it.")
         _check_writable(args.output, "--output")
     fmt = args.output_format
     if fmt is None and args.output:
@@ -351,6 +425,12 @@ def _check_run(args: argparse.Namespace) -> None:
         if args.input and args.input != "-" and _same_file(args.store, args.input):
             raise UsageError(f"--store {args.store} is the input file.")
         _check_writable(args.store, "--store")
+    store = _store_path(args)
+    if store and args.output:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if _same_file(args.output, store + suffix):
+                raise UsageError(f"--output {args.output} is the store{' ' + suffix[1:] + ' file' if suffix else ''} "
+                                 f"({store}); give them different paths.")
     if args.near_dedup is not None and not _have("datasketch"):
         raise UsageError('--near-dedup needs datasketch: pip install "simple-generation[dedup]"')
     if args.replicas is not None and args.ray is None:
@@ -372,8 +452,28 @@ def _check_run(args: argparse.Namespace) -> None:
     duplicates = {k for k in keys if keys.count(k) > 1}
     if duplicates:
         raise UsageError(f"--generation {', '.join(sorted(duplicates))} given more than once.")
+    _check_generation_keys(keys)
     _check_generation_values(dict(args.generation))
     _check_model_options(args)
+
+
+def _check_generation_keys(keys: list[str]) -> None:
+    """Unknown --generation keys fail here, before any model loads, with the name meant when one is close."""
+    from .io.records import GENERATE_CALL_ARGS, GENERATION_CONFIG_FIELDS, PARAM_ALIASES, PARAM_KEYS
+
+    known = GENERATION_CONFIG_FIELDS | GENERATE_CALL_ARGS | PARAM_KEYS | set(PARAM_ALIASES) | {"seed"}
+    unknown = [key for key in keys if key not in known]
+    if unknown:  # maybe a field of a newer transformers (or a bookkeeping one): ask it, only then
+        from transformers import GenerationConfig
+
+        config = GenerationConfig()
+        unknown = [key for key in unknown if not hasattr(config, key)]
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        raise UsageError(f"--generation {key}: not a generation setting"
+                         + (f"; did you mean {close[0]!r}?" if close else
+                            " (GenerationConfig fields such as repetition_penalty, no_repeat_ngram_size, or "
+                            "arguments of model.generate)."))
 
 
 def _check_generation_values(values: dict[str, Any]) -> None:
@@ -426,6 +526,7 @@ def _generator_kwargs(args: argparse.Namespace, *, torch_dtype: bool = True) -> 
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's generation keywords: the options, --generation, then BATCH_DEFAULTS for what neither set."""
     values = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "top_k": args.top_k, "num_beams": args.num_beams, "num_return_sequences": args.num_return_sequences}
     generation = {k: v for k, v in values.items() if v is not None}
@@ -433,23 +534,65 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if key in generation:
             raise UsageError(f"--generation {key} repeats --{key.replace('_', '-')}.")
         generation[key] = value
+    if not {"max_new_tokens", "max_tokens", "max_completion_tokens"} & set(generation):
+        generation["max_new_tokens"] = BATCH_DEFAULTS.max_new_tokens
+    if not {"temperature", "do_sample"} & set(generation):
+        generation["temperature"] = BATCH_DEFAULTS.temperature
     return generation
 
 
-def _spool_stdin() -> str:
-    """Copy stdin to a temporary file (it is read twice: validation, then generation)."""
-    handle, path = tempfile.mkstemp(prefix="simple-generation-stdin-")
-    with os.fdopen(handle, "wb") as out:
-        shutil.copyfileobj(sys.stdin.buffer, out)
-    return path
+class _PositionalReader(io.RawIOBase):
+    """Reads a file descriptor from the start with its own position (several readers never share one)."""
+
+    def __init__(self, fd: int):
+        self._fd, self._position = fd, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if hasattr(os, "pread"):
+            data = os.pread(self._fd, len(buffer), self._position)
+        else:  # Windows: readers run one after the other, so seeking first is enough
+            os.lseek(self._fd, self._position, os.SEEK_SET)
+            data = os.read(self._fd, len(buffer))
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
+class _Spool:
+    """stdin copied to an anonymous temporary file (it is read twice: validation, then generation). The file
+    never has a name on POSIX (and is deleted on close on Windows): nothing of the input stays in the temp
+    folder after any exit, SIGTERM and kill -9 included."""
+
+    def __init__(self, stream):
+        self._file = tempfile.TemporaryFile(prefix="simple-generation-stdin-")
+        try:
+            shutil.copyfileobj(stream, self._file)
+            self._file.flush()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def open(self):
+        return io.BufferedReader(_PositionalReader(self._file.fileno()))
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class _Input:
-    """The records of a run: the --prompt texts first, then the --input file; readable several times."""
+    """The records of a run: the --prompt texts first, then the --input file; readable several times.
+
+    ``scan`` validates everything once; afterwards ``problems`` maps the index of each record whose prompt
+    cannot be generated from (a lone surrogate) to (its source, the reason).
+    """
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.spooled = _spool_stdin() if args.input == "-" else None
+        self.spooled = _Spool(sys.stdin.buffer) if args.input == "-" else None
+        self.problems: dict[int, tuple[str, str]] = {}
 
     def records(self, on_invalid=None):
         from .io import InputRecord, read_records
@@ -466,7 +609,7 @@ class _Input:
         remaining = None if limit is None else max(0, limit - offset)
         if remaining == 0:
             return
-        stdin = open(self.spooled, "rb") if self.spooled else None  # noqa: SIM115
+        stdin = self.spooled.open() if self.spooled else None
         try:
             for record in read_records(args.input, input_format=args.input_format, prompt_field=args.prompt_field,
                                        messages_field=args.messages_field, limit=remaining, on_invalid=on_invalid,
@@ -478,7 +621,8 @@ class _Input:
                 stdin.close()
 
     def scan(self, visit=None):
-        from .io.readers import ScanReport, record_digest
+        from .io.readers import ScanReport, UniqueCustomIds, record_digest
+        from .io.records import prompt_problem
 
         report = ScanReport(path=self.args.input or "--prompt", format="")
 
@@ -488,14 +632,23 @@ class _Input:
                 report.errors.append(str(err))
 
         seen: set[bytes] = set()
+        custom_ids = UniqueCustomIds()
+        self.problems = {}
         try:
             for record in self.records(on_invalid=invalid):
+                repeated = custom_ids.check(record)
+                if repeated is not None:
+                    invalid(repeated)
+                    continue
                 report.records += 1
                 report.chat += not isinstance(record.prompt, str)
                 digest = record_digest(record)
                 report.duplicates += digest in seen
                 seen.add(digest)
                 report.with_params.update(record.params.keys())
+                problem = prompt_problem(record.prompt)
+                if problem is not None:
+                    self.problems[record.index] = (record.source, problem)
                 if visit is not None:
                     visit(record)
         except Exception as err:  # noqa: BLE001 - a whole-file error (InputError, unreadable file...)
@@ -504,7 +657,7 @@ class _Input:
 
     def close(self) -> None:
         if self.spooled:
-            os.unlink(self.spooled)
+            self.spooled.close()
 
 
 def _near_duplicates(source: _Input, threshold: float) -> dict[int, int]:
@@ -523,11 +676,15 @@ def _near_duplicates(source: _Input, threshold: float) -> dict[int, int]:
 
 
 def _store_path(args: argparse.Namespace) -> str | None:
+    """--store, else ``<output>.sqlite`` when the output is (or will be) a regular file: none beside
+    /dev/null, a FIFO or another device (a benchmark writing to /dev/null must not time a cache)."""
     if args.no_store:
         return None
     if args.store:
         return args.store
-    return f"{args.output}.sqlite" if args.output else None
+    if args.output and _is_regular_target(args.output):
+        return f"{args.output}.sqlite"
+    return None
 
 
 def _writer_options(record) -> dict[str, Any]:
@@ -541,8 +698,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_run(args)
     _setup_logging(args.quiet)
     generation = _generation_kwargs(args)
-    if args.ray is not None:
-        return _run_ray(args, generation)
+    _check_generation_combination(generation)
+    if args.ray is not None and not Path(args.input).expanduser().is_file():
+        return _run_ray(args, generation)  # a folder or URI only Ray reads: its records are checked one by one
     source = _Input(args)
     try:
         report = source.scan()
@@ -553,19 +711,67 @@ def cmd_run(args: argparse.Namespace) -> int:
             if more > 0:
                 print(f"simple-generation: ... and {more} more invalid record(s).", file=sys.stderr)
             return EXIT_USAGE
-        if report.records == 0 and not args.dry_run:
+        if args.ray is not None:  # the input was validated as for the local path: the same errors, before Ray
+            return _run_ray(args, generation)
+        if args.dry_run:
+            return _dry_run(args, source, report)
+        if source.problems:
+            _report_problems(source.problems, args.on_error)
+            if args.on_error == "raise":
+                return EXIT_USAGE
+        if report.records == 0:
             logger.warning("%s: no prompts in the input; nothing to do.", args.input)
             if args.output:
                 from .io import OrderedWriter
 
                 OrderedWriter(args.output, args.output_format).close()
             return 0
-        if args.dry_run:
-            return _dry_run(args, source, report)
-        near = _near_duplicates(source, args.near_dedup) if args.near_dedup is not None else {}
-        return _generate(args, source, report.records, near, generation)
+        store = _open_store(args)  # checked before the output is touched and before the model loads
+        try:
+            near = _near_duplicates(source, args.near_dedup) if args.near_dedup is not None else {}
+            return _generate(args, source, report.records, near, generation, store)
+        finally:
+            if store is not None:
+                store.close()
     finally:
         source.close()
+
+
+def _check_generation_combination(generation: dict[str, Any]) -> None:
+    """-n k under greedy decoding can only fail (after the model loads): say so now."""
+    n = generation.get("num_return_sequences") or generation.get("n") or 1
+    sampled = (generation.get("temperature") or 0) > 0 or generation.get("do_sample") is True
+    if n > 1 and not sampled and (generation.get("num_beams") or 1) < n:
+        raise UsageError(f"-n {n} needs sampling (e.g. --temperature 0.7) or --num-beams >= {n}: greedy decoding "
+                         "gives one answer per prompt.")
+
+
+def _report_problems(problems: dict[int, tuple[str, str]], on_error: str) -> None:
+    verb = "error" if on_error == "raise" else "warning"
+    tail = ("" if on_error == "raise" else "; recorded as failed prompts, the others run")
+    for where, problem in list(problems.values())[:20]:
+        print(f"simple-generation: {verb}: {where}: {problem}", file=sys.stderr)
+    more = len(problems) - 20
+    print(f"simple-generation: {len(problems)} prompt(s) cannot be generated from"
+          + (f" ({more} more not listed)" if more > 0 else "") + tail + ".", file=sys.stderr)
+
+
+def _open_store(args: argparse.Namespace, *, create: bool = True):
+    """The run's store, opened and checked (SQLite integrity, ours, schema version), or None."""
+    path = _store_path(args)
+    if path is None:
+        if args.output and not args.no_store and not _is_regular_target(args.output):
+            logger.info("No store: --output %s is not a regular file (a rerun starts over; --store PATH keeps one).",
+                        args.output)
+        return None
+    if not create and not Path(path).exists():
+        return None
+    from .store import ResultStore, StoreError
+
+    try:
+        return ResultStore(path, check_integrity=True)
+    except StoreError as err:
+        raise UsageError(str(err)) from None
 
 
 def _dry_run(args: argparse.Namespace, source: _Input, report) -> int:
@@ -576,24 +782,32 @@ def _dry_run(args: argparse.Namespace, source: _Input, report) -> int:
     if report.with_params:
         print("per-record parameters: " + ", ".join(f"{k} ({v})" for k, v in sorted(report.with_params.items())),
               file=out)
+    if source.problems:
+        print(f"prompts that cannot be generated from: {len(source.problems)}", file=out)
+        for where, problem in list(source.problems.values())[:20]:
+            print(f"  {where}: {problem}", file=out)
     lengths = _token_lengths(args, source)
     if lengths is not None:
         print(lengths, file=out)
     if args.near_dedup is not None:
         near = _near_duplicates(source, args.near_dedup)
         print(f"near-duplicates at {args.near_dedup}: {len(near)}", file=out)
-    store = _store_path(args)
-    if store:
-        if Path(store).exists():
-            from .store import ResultStore
-
-            with ResultStore(store) as opened:
-                print(f"store: {store} holds {opened.count()} finished answer(s) (a rerun reuses those whose model, "
-                      "prompt and parameters match)", file=out)
-        else:
-            print(f"store: {store} (new)", file=out)
+    store_path = _store_path(args)
+    try:
+        store = _open_store(args, create=False)
+    except UsageError as err:
+        print(f"store: {err}", file=out)
+        return EXIT_USAGE
+    if store is not None:
+        with store:
+            print(f"store: {store_path} holds {store.count()} finished answer(s) (a rerun reuses those whose model, "
+                  "prompt and parameters match)", file=out)
+    elif store_path:
+        print(f"store: {store_path} (new)", file=out)
+    else:
+        print("store: none (a rerun starts over)", file=out)
     print(f"output: {args.output or 'stdout'}", file=out)
-    return 0
+    return EXIT_USAGE if source.problems and args.on_error == "raise" else 0
 
 
 def _token_lengths(args: argparse.Namespace, source: _Input) -> str | None:
@@ -612,17 +826,31 @@ def _token_lengths(args: argparse.Namespace, source: _Input) -> str | None:
     except Exception as err:  # noqa: BLE001
         return f"token lengths: not computed (tokenizer not loadable: {str(err).splitlines()[0][:120]})"
     from .io import prompt_text
+    from .pipeline import PROBE_CHARS_PER_TOKEN, probe_too_long
 
     lengths: list[int] = []
     batch: list[str] = []
+    at_least = 0
 
     def flush():
         if batch:
             lengths.extend(len(ids) for ids in tokenizer(batch, add_special_tokens=True)["input_ids"])
             batch.clear()
 
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
     for record in source.records():
-        batch.append(prompt_text(record.prompt))
+        if record.index in source.problems:
+            continue
+        text = prompt_text(record.prompt)
+        if context and len(text) > context * PROBE_CHARS_PER_TOKEN:
+            probed = probe_too_long(encode, text, context)
+            if probed is not None:  # far too long: counted from a prefix only
+                lengths.append(len(probed))
+                at_least += 1
+                continue
+        batch.append(text)
         if len(batch) >= 1000:
             flush()
     flush()
@@ -630,10 +858,12 @@ def _token_lengths(args: argparse.Namespace, source: _Input) -> str | None:
         return None
     lengths.sort()
     line = (f"prompt tokens (before any template): min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
-            f"max {lengths[-1]}, total {sum(lengths)}")
+            f"max {lengths[-1]}{'+' if at_least else ''}, total {sum(lengths)}{'+' if at_least else ''}")
     if context:
         over = sum(1 for n in lengths if n > context)
         line += f"; {over} longer than the model's context of {context}"
+        if at_least:
+            line += f" ({at_least} far longer, counted only up to {2 * context} tokens)"
     return line
 
 
@@ -647,12 +877,40 @@ class _NoWriter:
         pass
 
 
+@contextlib.contextmanager
+def _plain_prompts(generator):
+    """Within the block, the generator feeds string prompts as they are (no chat template): OpenAI
+    ``/v1/completions`` requests are plain text completions whatever --chat-template/--system-prompt say."""
+    formatter = getattr(generator, "formatter", None)
+    if formatter is None or (formatter.template is None and not formatter.apply_chat_template):
+        yield
+        return
+    from .formatting import PromptFormatter
+
+    generator.formatter = PromptFormatter(generator.tokenizer)
+    try:
+        yield
+    finally:
+        generator.formatter = formatter
+
+
+def _groups(records: list, fmt: str | None, skip_prompt: bool) -> dict[tuple[bool, bool], list]:
+    """Records by (skip_prompt, plain): OpenAI Batch output lines hold the continuation only, and
+    /v1/completions requests get no chat template (OpenAI's shapes, whatever the options say)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for record in records:
+        plain = record.openai is not None and not record.openai.chat and isinstance(record.prompt, str)
+        groups.setdefault((skip_prompt or fmt == "openai-batch", plain), []).append(record)
+    return groups
+
+
 def _generate(args: argparse.Namespace, source: _Input, total: int, near: dict[int, int],
-              generation: dict[str, Any]) -> int:
+              generation: dict[str, Any], store) -> int:
     import inspect
 
     from .generator import SimpleGenerator
     from .io import OrderedWriter, output_record, windows
+    from .io.writers import output_format_for
 
     if args.quiet:
         from transformers.utils import logging as transformers_logging
@@ -661,20 +919,21 @@ def _generate(args: argparse.Namespace, source: _Input, total: int, near: dict[i
     generator = SimpleGenerator(args.model, **_generator_kwargs(args))
     distribution = getattr(generator, "distribution", None)
     is_main = getattr(distribution, "is_main", True)
-    fmt = args.output_format
-    writer = OrderedWriter(args.output, fmt, model=args.model) if is_main else _NoWriter()
-    store = _store_path(args)
+    fmt = output_format_for(args.output, args.output_format)
+    if fmt == "openai-batch" and not args.skip_prompt:
+        logger.warning("--no-skip-prompt: OpenAI Batch output holds the continuation only (OpenAI's shape).")
     call: dict[str, Any] = dict(store=store, on_error=args.on_error, batch_size=args.batch_size,
-                                skip_prompt=args.skip_prompt, show_progress_bar=not args.quiet,
-                                truncate_prompts=args.truncate_prompts, **generation)
+                                show_progress_bar=not args.quiet, truncate_prompts=args.truncate_prompts, **generation)
     if args.seed is not None:
         call["seed"] = args.seed
     if args.starting_batch_size is not None:
         if "starting_batch_size" not in inspect.signature(generator.stream).parameters:
             raise UsageError("--starting-batch-size is not supported by this version's generator.")
         call["starting_batch_size"] = args.starting_batch_size
-    if store:
-        logger.info("Store: %s (finished answers are kept there; rerun the same command to resume).", store)
+    if store is not None:
+        logger.info("Store: %s (finished answers are kept there; rerun the same command to resume).", store.path)
+    # the output is opened (an older one truncated) only now: every check passed and the model loaded
+    writer = OrderedWriter(args.output, args.output_format, model=args.model) if is_main else _NoWriter()
     failures: list[tuple[int, str, str]] = []
     totals = {"tokens": 0, "cached": 0, "deduplicated": 0, "time": 0.0}
     started = time.perf_counter()
@@ -685,26 +944,30 @@ def _generate(args: argparse.Namespace, source: _Input, total: int, near: dict[i
                 if record.index in near:
                     writer.add(record.index, output_record(record, duplicate_of=near[record.index]),
                                **_writer_options(record))
+                elif record.index in source.problems:
+                    message = source.problems[record.index][1]
+                    failures.append((record.index, record.source, message))
+                    writer.add(record.index, output_record(record, {"error": message}), **_writer_options(record))
                 else:
                     todo.append(record)
-            if not todo:
-                continue
-            params = [record.params or None for record in todo]
-            for result in _stream(generator, [record.prompt for record in todo], params if any(params) else None,
-                                  call):
-                record = todo[result["index"] if isinstance(result, dict) else result.index]
-                out = output_record(record, result)
-                if out["error"] is not None:
-                    failures.append((record.index, record.source, str(out["error"])))
-                writer.add(record.index, out, **_writer_options(record))
-            run = generator.last_run
-            totals["tokens"] += getattr(run, "generated_tokens", 0) or 0
-            totals["cached"] += getattr(run, "cached", 0) or 0
-            totals["deduplicated"] += getattr(run, "deduplicated", 0) or 0
+            for (skip_prompt, plain), group in _groups(todo, fmt, args.skip_prompt).items():
+                params = [record.params or None for record in group]
+                with _plain_prompts(generator) if plain else contextlib.nullcontext():
+                    for result in _stream(generator, [record.prompt for record in group],
+                                          params if any(params) else None, {**call, "skip_prompt": skip_prompt}):
+                        record = group[result["index"] if isinstance(result, dict) else result.index]
+                        out = output_record(record, result)
+                        if out["error"] is not None:
+                            failures.append((record.index, record.source, str(out["error"])))
+                        writer.add(record.index, out, **_writer_options(record))
+                run = generator.last_run
+                totals["tokens"] += getattr(run, "generated_tokens", 0) or 0
+                totals["cached"] += getattr(run, "cached", 0) or 0
+                totals["deduplicated"] += getattr(run, "deduplicated", 0) or 0
     except KeyboardInterrupt:
         writer.close()
         print(f"\nsimple-generation: interrupted; {writer.written} of {total} records written"
-              + (f", finished answers are in {store}: rerun the same command to resume." if store else "."),
+              + (f", finished answers are in {store.path}: rerun the same command to resume." if store else "."),
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
@@ -717,14 +980,18 @@ def _generate(args: argparse.Namespace, source: _Input, total: int, near: dict[i
                 totals["tokens"], elapsed, totals["tokens"] / elapsed if elapsed > 0 else 0.0, totals["cached"],
                 totals["deduplicated"], len(near), len(failures))
     if failures:
-        print(f"simple-generation: {len(failures)} prompt(s) failed (their records carry the error"
-              + ("; a rerun retries only those)" if store else ")") + ":", file=sys.stderr)
-        for index, where, error in failures[:20]:
-            print(f"  record {index} ({where}): {error.splitlines()[0] if error else error}", file=sys.stderr)
-        if len(failures) > 20:
-            print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
+        _report_failures(failures, len(failures), "; a rerun retries only those" if store else "")
         return EXIT_FAILED
     return 0
+
+
+def _report_failures(failures: list[tuple[int, str, str]], count: int, note: str = "") -> None:
+    """The failed prompts, one line each (the first 20 of ``count``): the local and the Ray path say the same."""
+    print(f"simple-generation: {count} prompt(s) failed (their records carry the error{note}):", file=sys.stderr)
+    for index, where, error in failures[:20]:
+        print(f"  record {index} ({where}): {error.splitlines()[0] if error else error}", file=sys.stderr)
+    if count > 20:
+        print(f"  ... and {count - 20} more", file=sys.stderr)
 
 
 def _stream(generator, prompts: list, params: list | None, call: dict[str, Any]):
@@ -749,18 +1016,33 @@ def _run_ray(args: argparse.Namespace, generation: dict[str, Any]) -> int:
             options[key] = True
     if args.seed is not None:
         options["seed"] = args.seed
-    summary = generate_dataset(
-        args.input, args.model, args.output, replicas=args.replicas or 1,
-        gpus_per_replica=args.gpus_per_replica or 0, address=None if args.ray == "local" else args.ray,
-        output_format=args.output_format, input_format=args.input_format, ordered=True,
-        prompt_field=args.prompt_field, messages_field=args.messages_field, on_error=args.on_error,
-        model_kwargs=_generator_kwargs(args, torch_dtype=False), track_emissions=not args.no_emissions,
-        emissions_dir=args.emissions_dir, show_progress=not args.quiet,
-        **({"batch_size": args.batch_size} if isinstance(args.batch_size, int) else {}), **options,
-    )
-    errors = getattr(summary, "errors", 0) or 0
-    logger.info("%s", summary)
-    return EXIT_FAILED if errors else 0
+    try:
+        summary = generate_dataset(
+            args.input, args.model, args.output, replicas=args.replicas or 1,
+            gpus_per_replica=args.gpus_per_replica or 0, address=None if args.ray == "local" else args.ray,
+            output_format=args.output_format, input_format=args.input_format, ordered=True,
+            prompt_field=args.prompt_field, messages_field=args.messages_field, on_error=args.on_error,
+            model_kwargs=_generator_kwargs(args, torch_dtype=False), track_emissions=not args.no_emissions,
+            emissions_dir=args.emissions_dir, show_progress=not args.quiet,
+            **({"batch_size": args.batch_size} if isinstance(args.batch_size, int) else {}), **options,
+        )
+    finally:
+        _exit_on_late_interrupt()
+    if summary.errors:
+        _report_failures(summary.failures, summary.errors)
+        return EXIT_FAILED
+    return 0
+
+
+def _exit_on_late_interrupt() -> None:
+    """After a Ray job, a Ctrl-C while the process exits (Ray's and others' atexit hooks) ends it with 130 and
+    one line, instead of a KeyboardInterrupt traceback inside an atexit hook and exit code 0."""
+    def interrupted(signum, frame):
+        print("\nsimple-generation: interrupted.", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    with contextlib.suppress(ValueError):  # only the main thread sets handlers (main() run from a thread: skip)
+        signal.signal(signal.SIGINT, interrupted)
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
@@ -808,26 +1090,65 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .generator import SimpleGenerator
 
     generator = SimpleGenerator(args.model, **_generator_kwargs(args))
-    serve(generator, host=args.host, port=args.port, share=args.share)
+    serve(generator, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interruption so that the output, the store and the stdin copy are closed
+    as after Ctrl-C (exit code 143)."""
+
+
+_TERMINATED: list[bool] = []  # set by the SIGTERM handler (the interruption may be caught and returned as 130)
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    _TERMINATED.append(True)
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Within the block, SIGTERM interrupts like Ctrl-C (only from the main thread, and only when nobody
+    else handles SIGTERM: an application embedding main() keeps its own handler)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = _with_subcommand(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _with_subcommand(argv)
+    except UsageError as err:
+        print(f"simple-generation: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = getattr(args, "debug", False)
+    _TERMINATED.clear()
     try:
-        return args.func(args)
+        with _sigterm_interrupts():
+            code = args.func(args)
+        return EXIT_TERMINATED if code == EXIT_INTERRUPTED and _TERMINATED else code
     except KeyboardInterrupt:
         if debug:
             raise
-        print("\nsimple-generation: interrupted.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print("\nsimple-generation: interrupted" + (" (SIGTERM)." if _TERMINATED else "."), file=sys.stderr)
+        return EXIT_TERMINATED if _TERMINATED else EXIT_INTERRUPTED
     except UsageError as err:
         if debug:
             raise

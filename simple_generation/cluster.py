@@ -21,13 +21,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import hashlib
 import heapq
 import importlib.util
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +44,7 @@ logger = logging.getLogger("simple_generation")
 INDEX_COLUMN = "__sg_index"  # the record's position in the input, attached before any work is sent out
 MANIFEST = ".simple-generation-job.json"  # hidden: pyarrow / Ray readers of the output folder skip it
 _PART = re.compile(r"^part-(\d+)-(\d+)(?:-[0-9a-f]+)?\.(jsonl|parquet)$")
+MAX_FAILURES_LISTED = 20
 _FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet",
             ".txt": "txt", ".text": "txt", ".json": "json"}
 
@@ -58,6 +63,8 @@ class ClusterRunSummary:
     energy_kwh: float | None = None
     emissions_kg_co2eq: float | None = None
     per_replica: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: list[tuple[int, str, str]] = field(default_factory=list)
+    """``(index, source, error)`` of the first records that failed in this call (``errors`` counts them all)."""
 
     @property
     def prompts_per_second(self) -> float:
@@ -206,12 +213,24 @@ def _done_indices(sources: Sequence[tuple[Path, str]]) -> set[int]:
     return done
 
 
-def _write_atomically(path: Path, write) -> None:
+def _read_done(sources: Sequence[tuple[Path, str]]) -> set[int]:
+    """``_done_indices``, with an unreadable file (not JSON, no ``index``) as one clear error."""
+    try:
+        return _done_indices(sources)
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and pyarrow's ArrowInvalid are ValueErrors
+        names = ", ".join(str(path) for path, _ in sources)
+        raise ValueError(f"{names}: not an output of this job ({type(err).__name__}: {err}); move or delete it."
+                         ) from None
+
+
+def _write_atomically(path: Path, write, before_replace=None) -> None:
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -251,10 +270,11 @@ def _write_part(folder: Path, indices: list[int], lines: list[str], fmt: str) ->
     return path
 
 
-def _merge_ordered(sources: list[tuple[int, Path, str]], output: Path, fmt: str) -> int:
+def _merge_ordered(sources: list[tuple[int, Path, str]], output: Path, fmt: str, before_replace=None) -> int:
     """Merge sorted sources into ``output`` sorted by index, each index once; returns the record count.
 
     Sources are opened lazily by first index, so only overlapping ones are open at the same time.
+    ``before_replace(tmp)`` runs once the merged file is complete, before it replaces ``output``.
     """
     pending = sorted(sources, key=lambda s: (s[0], str(s[1])))
     heap: list[tuple[int, int, Any, Iterator]] = []
@@ -307,23 +327,89 @@ def _merge_ordered(sources: list[tuple[int, Path, str]], output: Path, fmt: str)
                     handle.write(line + "\n")
                     count += 1
 
-    _write_atomically(output, write)
+    _write_atomically(output, write, before_replace)
     return count
 
 
-def _check_manifest(path: Path, manifest: dict[str, Any], has_results: bool) -> None:
-    """Refuse to resume results made with other settings; record this job's settings otherwise."""
-    if path.exists() and has_results:
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _input_signature(input: str | Sequence[str]) -> list | None:
+    """Content hashes of a local input (files, or a folder's files); None for a URI Ray reads elsewhere.
+
+    Hashed through the identity's per-file cache: a rerun over an unchanged input only ``stat``s it.
+    """
+    from .identity import file_sha256
+
+    paths = [input] if isinstance(input, str) else list(input)
+    signed = []
+    for path in map(str, paths):
+        if os.path.isfile(path):
+            signed.append([path, file_sha256(path)])
+        elif os.path.isdir(path):
+            signed += [[str(f), file_sha256(f)] for f in sorted(Path(path).rglob("*"))
+                       if f.is_file() and not f.name.startswith(".")]
+        else:
+            return None
+    return signed
+
+
+def _job_settings(input, model: str, model_kwargs: dict[str, Any], generation_options: dict[str, Any],
+                  prompt_field: str | None, messages_field: str | None, fmt: str) -> dict[str, Any]:
+    """Everything that decides the answers: the job file holds it, and a rerun must match it exactly."""
+    from .identity import hub_commit, sources
+
+    revision = model_kwargs.get("revision")
+    loading = {k: model_kwargs[k] for k in ("token", "trust_remote_code") if k in model_kwargs}
+    return {
+        "input": [str(p) for p in input] if not isinstance(input, str) else str(input),
+        "input_files": _input_signature(input), "model": str(model),
+        # the content of the model's, tokenizer's and adapter's files (a hub id: its resolved commit)
+        "model_files": sources(str(model), tokenizer=model_kwargs.get("tokenizer_name_or_path"),
+                               lora=model_kwargs.get("lora_weights"), revision=revision,
+                               gguf_file=model_kwargs.get("gguf_file"),
+                               commit=hub_commit(str(model), revision, **loading)),
+        "model_kwargs": json.loads(json.dumps(model_kwargs, sort_keys=True, default=repr)),
+        "generation_options": json.loads(json.dumps(generation_options, sort_keys=True, default=repr)),
+        "prompt_field": prompt_field, "messages_field": messages_field, "output_format": fmt,
+    }
+
+
+def _check_job_file(path: Path, settings: dict[str, Any], results: list[Path], output: Path | None) -> dict:
+    """Refuse to count results that this job's file does not vouch for; return the job file's content.
+
+    ``results``: the parts (and output file) already there; ``output``: the ordered output file, if any,
+    whose content must be one this job wrote (its hash is in the job file's ``outputs``).
+    """
+    if not results:
+        return dict(settings, outputs=[])
+    shown = ", ".join(str(p) for p in results[:3]) + (", ..." if len(results) > 3 else "")
+    if not path.is_file():
+        raise ValueError(f"{shown} already exist(s) but no job file ({path}) says which job wrote them: refusing "
+                         "to count them as done (or to overwrite them). Move or delete them, or choose another "
+                         "output.")
+    try:
         previous = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
-        if changed:
-            raise ValueError(
-                f"{path.parent} holds results of a different job (changed: {', '.join(changed)}; see {path}); "
-                "resuming would mix answers of different settings. Use another output path, or delete it."
-            )
-        return
+        outputs = list(previous.pop("outputs", []))
+    except (ValueError, AttributeError, TypeError) as err:
+        raise ValueError(f"{path}: not a readable job file ({err}); move or delete it and its results.") from None
+    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(
+            f"{path.parent} holds results of a different job (changed: {', '.join(changed)}; see {path}); "
+            "resuming would mix answers of different settings. Use another output path, or delete it."
+        )
+    if output is not None and output.is_file() and _sha256(output) not in outputs:
+        raise ValueError(f"{output} is not the file this job wrote (its content changed since; see {path}): "
+                         "refusing to count its records as done. Move or delete it, or choose another output.")
+    return dict(settings, outputs=outputs)
+
+
+def _write_job_file(path: Path, job: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(job, indent=1, sort_keys=True)))
 
 
 # ---------------------------------------------------------------------------------------------- emissions
@@ -426,6 +512,83 @@ def _remote_helpers():
 _num_rows = _number_block = None
 
 
+def _batches(dataset) -> Iterator[Any]:
+    """The job's output batches; a replica's failure is one line (its own error), not Ray's wrapping."""
+    import ray
+
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+    except ray.exceptions.RayError as err:
+        # Ray re-raises a replica's error as text: its remote traceback, then Ray's wrappings. The first
+        # "Name: message" line that is not Ray's own is the replica's error.
+        lines = re.findall(r"^([A-Za-z_][\w.]*): (.+)$", str(err), flags=re.MULTILINE)
+        name, message = next(((n, m) for n, m in lines if not n.startswith("ray.")),
+                             (type(err).__name__, (str(err).strip().splitlines() or [""])[0]))
+        raise RuntimeError(f"the Ray job failed: {name}: {message}") from err
+
+
+# ---------------------------------------------------------------------------------------------- local Ray
+# Ray ties most processes of a local instance to the driver (they die with it), but not its dashboard and
+# runtime-env agents: after a ``kill -9`` of the driver they stay up (about 175 MB) and ignore SIGTERM. This
+# watchdog, started with the local instance, remembers the Ray processes the driver started and kills them
+# if the driver goes away without saying "done".
+_REAPER = textwrap.dedent("""
+    import os, select, signal, sys
+    import psutil
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for the driver is not for us
+    driver, since = psutil.Process(int(sys.argv[1])), float(sys.argv[2])
+    seen = {}
+    while not select.select([sys.stdin], [], [], 0.5)[0]:
+        try:
+            children = driver.children(recursive=True)
+        except psutil.Error:  # the driver is gone
+            break
+        for proc in children:
+            try:
+                if (proc.pid not in seen and proc.pid != os.getpid() and proc.create_time() >= since
+                        and "ray" in " ".join(proc.cmdline()).lower()):
+                    seen[proc.pid] = proc
+            except psutil.Error:
+                pass
+    if sys.stdin.readline():  # "done": the driver stopped Ray itself
+        sys.exit(0)
+    family = []
+    for proc in seen.values():
+        try:
+            family += [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            pass
+    for proc in family:
+        try:
+            proc.kill()  # psutil checks the process is still the one seen (no pid reuse)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(family, timeout=10)
+""")
+
+
+def _start_reaper() -> subprocess.Popen | None:
+    if importlib.util.find_spec("psutil") is None:
+        return None
+    return subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), str(time.time() - 1)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _stop_reaper(reaper: subprocess.Popen | None, clean: bool = True) -> None:
+    """``clean``: Ray was shut down (the watchdog just exits); otherwise it kills what Ray left."""
+    if reaper is None:
+        return
+    try:
+        if clean:
+            reaper.stdin.write(b"done\n")
+        reaper.stdin.close()
+        reaper.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        reaper.kill()
+        reaper.wait()
+
+
 # ---------------------------------------------------------------------------------------------- the job
 def generate_dataset(
     input: str | Sequence[str],
@@ -500,34 +663,39 @@ def generate_dataset(
     emissions_dir = model_kwargs.pop("emissions_dir", emissions_dir)
     if not gpus_per_replica and "device" not in model_kwargs and "device_map" not in model_kwargs:
         model_kwargs["device"] = "cpu"  # no GPU was reserved for the replica: don't take one
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    # The settings that decide the answers, kept beside the results (hidden) so a rerun can check them.
+    # Everything is checked before anything is written: a refused job leaves nothing behind.
+    # The settings that decide the answers are kept beside the results (hidden) so a rerun can check them.
     manifest_path = (output_path.with_name(f".{output_path.name}{MANIFEST}") if ordered else parts_dir / MANIFEST)
-    _check_manifest(manifest_path, {
-        "input": [str(p) for p in input] if not isinstance(input, str) else str(input), "model": str(model),
-        "model_kwargs": json.loads(json.dumps(model_kwargs, sort_keys=True, default=repr)),
-        "generation_options": json.loads(json.dumps(generation_options, sort_keys=True, default=repr)),
-        "prompt_field": prompt_field, "messages_field": messages_field, "output_format": fmt,
-    }, has_results=bool(_parts(parts_dir)) or (ordered and output_path.is_file()))
+    sources = [(path, fmt) for _, _, path in _parts(parts_dir)]
+    if ordered and output_path.is_file():  # a finished earlier run: its records count as done
+        sources.append((output_path, fmt))
+    job = _check_job_file(manifest_path, _job_settings(input, model, model_kwargs, generation_options, prompt_field,
+                                                       messages_field, fmt),
+                          [path for path, _ in sources], output_path if ordered else None)
+    done = _read_done(sources)
     csv_path = None
     if track_emissions and importlib.util.find_spec("codecarbon") is not None:
         from .emissions import emissions_csv_path
 
         csv_path = emissions_csv_path(emissions_dir)  # a foreign file fails here, before any work
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    _write_job_file(manifest_path, job)
     for stale in parts_dir.glob(".tmp-*"):  # left by a writer killed mid-write
         stale.unlink()
-    sources = [(path, fmt) for _, _, path in _parts(parts_dir)]
-    if ordered and output_path.is_file():  # a finished earlier run: its records count as done
-        sources.append((output_path, fmt))
-    done = _done_indices(sources)
 
     started_ray = False
+    reaper = None
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
         else:  # "local": a new instance of our own, never some other cluster found on this machine
-            ray.init(address="local", include_dashboard=False)
+            reaper = _start_reaper()
+            try:
+                ray.init(address="local", include_dashboard=False)
+            except BaseException:
+                _stop_reaper(reaper, clean=False)
+                raise
             logger.info("Started a local Ray instance (pass address= to use a cluster).")
         started_ray = True
     try:
@@ -558,7 +726,8 @@ def generate_dataset(
                 # is restarted and the batches it held are retried (tests/test_cluster.py kills one).
             )
             seen = set(done)
-            for out in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            source_name = str(input) if isinstance(input, str) else str(input[0])
+            for out in _batches(dataset):
                 if out.num_rows == 0:
                     continue
                 indices = out.column("index").to_pylist()
@@ -569,7 +738,12 @@ def generate_dataset(
                 records = out.column("record").to_pylist()
                 _write_part(parts_dir, [indices[k] for k in fresh], [records[k] for k in fresh], fmt)
                 summary.generated += len(fresh)
-                summary.errors += sum(out.column("error").to_pylist()[k] for k in fresh)
+                for k in fresh:
+                    if out.column("error")[k].as_py():
+                        summary.errors += 1
+                        if len(summary.failures) < MAX_FAILURES_LISTED:
+                            record = json.loads(records[k])
+                            summary.failures.append((indices[k], source_name, str(record["error"])))
                 for replica, tokens, kwh, kg in zip(out.column("replica").to_pylist(), out.column("tokens").to_pylist(),
                                                     out.column("energy_kwh").to_pylist(),
                                                     out.column("emissions_kg").to_pylist()):
@@ -588,7 +762,10 @@ def generate_dataset(
         summary.energy_kwh, summary.emissions_kg_co2eq = energy, emissions
     finally:
         if started_ray:
-            ray.shutdown()
+            try:
+                ray.shutdown()
+            finally:
+                _stop_reaper(reaper)
 
     missing = total - len(_done_indices([(path, fmt) for _, _, path in _parts(parts_dir)] +
                                         ([(output_path, fmt)] if ordered and output_path.is_file() else [])))
@@ -600,8 +777,12 @@ def generate_dataset(
             first_row = next(_iter_rows(output_path, fmt), None)
             if first_row is not None:
                 sources_by_first.append((first_row[0], output_path, fmt))
+        def vouch(merged: Path) -> None:  # the job file names the merged file before it takes the output's place
+            job["outputs"] = (job["outputs"] + [_sha256(merged)])[-2:]
+            _write_job_file(manifest_path, job)
+
         if _parts(parts_dir) or not output_path.exists():
-            _merge_ordered(sources_by_first, output_path, fmt)
+            _merge_ordered(sources_by_first, output_path, fmt, vouch)
         for _, _, path in _parts(parts_dir):
             path.unlink()
         try:

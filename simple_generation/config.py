@@ -19,6 +19,9 @@ from typing import Any
 
 from transformers import GenerationConfig
 
+from .defaults import LIBRARY_MAX_NEW_TOKENS, LIBRARY_TOP_K, LIBRARY_TOP_P
+from .io.records import GENERATE_CALL_ARGS  # noqa: F401 - the arguments of `generate` that are not config fields
+
 
 @dataclasses.dataclass
 class DefaultGenerationConfig:
@@ -30,33 +33,16 @@ class DefaultGenerationConfig:
         512
     """
 
-    max_new_tokens: int = 512
+    max_new_tokens: int = LIBRARY_MAX_NEW_TOKENS
     do_sample: bool = True  # set to False for greedy decoding
     temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 50
+    top_p: float = LIBRARY_TOP_P
+    top_k: int = LIBRARY_TOP_K
     num_return_sequences: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-# Arguments of `model.generate` that are not GenerationConfig attributes.
-GENERATE_CALL_ARGS = frozenset(
-    {
-        "logits_processor",
-        "stopping_criteria",
-        "prefix_allowed_tokens_fn",
-        "synced_gpus",
-        "assistant_model",
-        "streamer",
-        "negative_prompt_ids",
-        "negative_prompt_attention_mask",
-        "custom_generate",
-        "tokenizer",
-        "assistant_tokenizer",
-    }
-)
 
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .formatting import plain_transcript
 from .templates import render_conversation
 
 
@@ -39,5 +40,5 @@ class Conversation:
             if self.system_message is not None and messages and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.system_message}] + messages
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in self.messages)
+        return plain_transcript(self.messages, add_generation_prompt=False)
 

@@ -4,14 +4,18 @@ Three ways, one active per generator:
 
 - a named FastChat-compatible template (``system_prompt="vicuna_v1.1"``), see :mod:`.templates`;
 - the tokenizer's own chat template (``apply_chat_template=True``);
-- neither: plain strings go through unchanged.
+- neither: plain strings go through unchanged, and conversations (lists of ``{"role", "content"}``
+  messages) become the plain ``User:``/``Assistant:`` transcript, as in ``conversation_from_user_prompts``.
 
-Conversations (lists of ``{"role", "content"}`` messages) need one of the first two.
+A message's content is text: special-token text in it (``</s>``, ``<|im_end|>``) is tokenized as the characters
+it is, never as the control token; special tokens come only from the template. A plain string prompt is
+tokenized as transformers does (special-token text in it is the token: a hand-formatted prompt means it).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +25,20 @@ logger = logging.getLogger("simple_generation")
 
 Message = dict[str, str]
 _ROLES = ("system", "user", "assistant")
+_MARK = re.compile("\ue000(\\d+)\ue001")  # stands for message i's content while locating contents
+
+
+class ChatText(str):
+    """A formatted chat prompt that knows which of its characters are message content holding special-token
+    text (``content_spans``, ``(start, end)`` pairs): :meth:`PromptFormatter.tokenize` encodes those as plain
+    text. Everything else about it is the ``str`` it is."""
+
+    content_spans: tuple[tuple[int, int], ...]
+
+    def __new__(cls, text: str, content_spans: Sequence[tuple[int, int]]):
+        obj = super().__new__(cls, text)
+        obj.content_spans = tuple(content_spans)
+        return obj
 
 
 def validate_inputs(texts: Any) -> list[str | list[Message]]:
@@ -45,6 +63,15 @@ def validate_inputs(texts: Any) -> list[str | list[Message]]:
             "(or a conversation: a list of {'role': ..., 'content': ...} messages)."
         )
     return list(texts)
+
+
+def plain_transcript(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """A conversation as ``Role: content`` lines, for models with neither a named nor a chat template;
+    ending with ``Assistant:`` when the last turn is the user's (and ``add_generation_prompt``)."""
+    text = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+    if add_generation_prompt and messages and messages[-1]["role"] == "user":
+        text += "\nAssistant:"
+    return text
 
 
 def _validate_messages(messages: Sequence[Any], where: str) -> None:
@@ -107,10 +134,52 @@ class PromptFormatter:
         return [{"role": "user", "content": item}] if isinstance(item, str) else list(item)
 
     def format_one(self, item: str | list[Message]) -> str:
+        """The prompt text of one input; a conversation whose contents hold special-token text comes back as a
+        :class:`ChatText` that marks them (tokenized as text)."""
+        text = self._render(item)
+        if isinstance(item, str) or not any(self.has_special_text(m["content"]) for m in item):
+            return text
+        return ChatText(text, self._content_spans(item, text))
+
+    @property
+    def special_texts(self) -> list[str]:
+        """The texts of the tokenizer's special tokens, longest first."""
+        if not hasattr(self, "_special_texts"):
+            decoder = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+            texts = {t.content for t in decoder.values() if getattr(t, "special", False)}
+            texts |= set(getattr(self.tokenizer, "all_special_tokens", None) or [])
+            self._special_texts = sorted((t for t in texts if t), key=len, reverse=True)
+        return self._special_texts
+
+    def has_special_text(self, content: str) -> bool:
+        """Whether ``content`` holds the text of a special token (which must then be tokenized as text)."""
+        return any(t in content for t in self.special_texts)
+
+    def _content_spans(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
+        """Where the contents holding special-token text are in ``text``: the conversation is rendered again with
+        a mark for each content, and the marks' places are where the contents went."""
+        skeleton = self._render([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)])
+        parts = _MARK.split(skeleton)  # template piece, content index, template piece, ...
+        for clean in (lambda c: c, str.strip):
+            spans, rebuilt, at = [], [], 0
+            for i, part in enumerate(parts):
+                piece = clean(messages[int(part)]["content"]) if i % 2 else part
+                if i % 2 and self.has_special_text(piece):
+                    spans.append((at, at + len(piece)))
+                rebuilt.append(piece)
+                at += len(piece)
+            if "".join(rebuilt) == text:
+                return spans
+        raise ValueError("a message holds special-token text, and the template changes message contents in a way "
+                         "that hides where they are in the prompt: remove the special-token text from the message.")
+
+    def _render(self, item: str | list[Message]) -> str:
         if self.template is not None:
             return render_conversation(self.template, self.messages_for(item), self.system_message)
-        if self.apply_chat_template or not isinstance(item, str):
+        if self.apply_chat_template or (not isinstance(item, str) and self.formats_conversations):
             return self._apply_chat_template(self.messages_for(item))
+        if not isinstance(item, str):  # no template at all: the transcript conversation_from_user_prompts uses
+            return plain_transcript(item, self.add_generation_prompt)
         return item
 
     def _apply_chat_template(self, messages: list[Message]) -> str:
@@ -144,15 +213,50 @@ class PromptFormatter:
         return [self.format_checked(index, item) for index, item in enumerate(inputs)]
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids; a prompt whose text already starts with the BOS token gets no second one."""
+        """Token ids; a prompt whose text already starts with the BOS token gets no second one.
+
+        The marked contents of a :class:`ChatText` are encoded as text (``split_special_tokens=True``): the
+        special-token text a user typed stays text. Any other prompt is encoded as transformers encodes it.
+        """
         bos = self.tokenizer.bos_token
         carries_bos = [bool(bos) and p.startswith(bos) for p in prompts]
+        chat = [bool(getattr(p, "content_spans", ())) for p in prompts]
         ids: list[list[int] | None] = [None] * len(prompts)
         for flag in (False, True):
-            group = [i for i, c in enumerate(carries_bos) if c == flag]
+            group = [i for i, c in enumerate(carries_bos) if c == flag and not chat[i]]
             if group:
                 encoded = self.tokenizer([prompts[i] for i in group], add_special_tokens=not flag)["input_ids"]
                 for i, row in zip(group, encoded):
                     ids[i] = row
+        for i, prompt in enumerate(prompts):
+            if chat[i]:
+                ids[i] = self._tokenize_chat(prompt, add_special_tokens=not carries_bos[i])
         return ids  # type: ignore[return-value]
+
+    def _tokenize_chat(self, text: ChatText, add_special_tokens: bool) -> list[int]:
+        """The template's pieces encoded as usual, the marked contents as text, one after the other."""
+        pieces, at = [], 0
+        for start, end in text.content_spans:
+            pieces += [(text[at:start], False), (text[start:end], True)]
+            at = end
+        pieces.append((text[at:], False))
+        ids: list[int] = []
+        for piece, as_text in pieces:
+            if not piece:
+                continue
+            if not ids:  # the first piece: as the whole prompt would start (BOS included)
+                ids += self.tokenizer(piece, add_special_tokens=add_special_tokens,
+                                      split_special_tokens=as_text)["input_ids"]
+            else:
+                ids += self._continue(piece, as_text)
+        return ids
+
+    def _continue(self, piece: str, as_text: bool) -> list[int]:
+        """``piece``'s ids as they would follow earlier text: encoded after a newline whose ids are then dropped,
+        so a tokenizer that marks the start of a text (SentencePiece's leading space) does not mark this one."""
+        anchor = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer("\n" + piece, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+        if anchor and ids[:len(anchor)] == anchor:
+            return ids[len(anchor):]
+        return self.tokenizer(piece, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
 

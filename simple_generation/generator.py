@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import os
 import time
@@ -22,7 +21,9 @@ from .engines import EngineContext
 from .engines.fast import FastChoice, FastEngines
 from .engines.select import JobSize, choose_engine
 from .formatting import PromptFormatter, validate_inputs
+from .identity import model_identity
 from .loading import LoadOptions, context_length, load_config, load_for_generation, load_tokenizer
+from .memory import PeakMemory
 from .params import ParamsBuilder
 from .pipeline import (
     echo_ready,
@@ -197,7 +198,7 @@ class SimpleGenerator:
         self.context_length = context_length(self.config)
         self._forward_params = set(inspect.signature(self.model.forward).parameters) if self.model is not None \
             else set()
-        self._identity_of = functools.partial(_model_identity, self.model_name_or_path, tokenizer_name_or_path,
+        self._identity_of = functools.partial(model_identity, self.model_name_or_path, tokenizer_name_or_path,
                                               self.config, lora_weights, dtype, quantization,
                                               model_kwargs=model_kwargs)
         self._identities: dict[str, str] = {}
@@ -219,7 +220,7 @@ class SimpleGenerator:
 
     def _identity(self, family: str) -> str:
         """The model identity in store keys for answers of this engine family ("hf", "vllm", "openvino")."""
-        if family not in self._identities:  # once per family: the weights' files are stat'ed
+        if family not in self._identities:  # once per family (files are hashed once, then cached)
             self._identities[family] = self._identity_of(family=family)
         return self._identities[family]
 
@@ -426,6 +427,7 @@ class SimpleGenerator:
                   ) -> Iterator[GenerationResult]:
         distribution = self.distribution
         started = time.perf_counter()
+        peak_memory = PeakMemory().__enter__()
         done: dict[int, GenerationResult] = {}
         generated = {"tokens": 0}
         progress = tqdm(total=plan.n_inputs, desc="Generating", unit="prompt",
@@ -474,8 +476,10 @@ class SimpleGenerator:
                     raise
                 finally:
                     progress.close()
+                    peak_memory.__exit__(None, None, None)
                     self.last_run = summarize(plan, done, started, engine.stats, engine.name, why)
                     self.last_run.generated_tokens = generated["tokens"]
+                    self.last_run.peak_rss_mb, self.last_run.peak_cuda_mb = peak_memory.rss_mb, peak_memory.cuda_mb
             self.last_run.energy_kwh = emissions.energy_kwh
             self.last_run.emissions_kg_co2eq = emissions.emissions_kg_co2eq
         finally:
@@ -504,13 +508,14 @@ class SimpleGenerator:
             return answers
 
         def local_stats() -> dict:
-            return {"batches": engine.stats.batches,
+            return {"batches": engine.stats.batches, "forward_passes": engine.stats.forward_passes,
                     "batch_size": engine.stats.batch_size, "oom_retries": engine.stats.oom_retries}
 
         sharded = distribution.run(order, work, run_shard, local_stats)
         per_rank = sharded.stats
         engine.stats.batches = sum(s.get("batches", 0) for s in per_rank)
         engine.stats.oom_retries = sum(s.get("oom_retries", 0) for s in per_rank)
+        engine.stats.forward_passes = sum(s.get("forward_passes", 0) for s in per_rank)
         sizes = [s.get("batch_size", 0) for s in per_rank if s.get("batch_size")]
         engine.stats.batch_size = min(sizes) if sizes else engine.stats.batch_size
         for rid in sorted(sharded.results):
@@ -545,7 +550,6 @@ class SimpleGenerator:
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise TypeError(f"user_prompts[{index}] must be a non-empty list of strings.")
         kwargs["skip_prompt"] = True
-        templated = self.formatter.formats_conversations
         conversations = [
             Conversation(template=self.formatter.template, system_message=self.formatter.system_message,
                          tokenizer=self.tokenizer)
@@ -555,11 +559,13 @@ class SimpleGenerator:
             active = [i for i, prompts in enumerate(batches) if turn < len(prompts)]
             for i in active:
                 conversations[i].messages.append({"role": "user", "content": batches[i][turn]})
-            if templated:  # messages go through the named template or the tokenizer's chat template
-                requests = [list(conversations[i].messages) for i in active]
-            else:  # no template at all: the plain transcript is the prompt
-                requests = [f"{conversations[i]}\nAssistant:" for i in active]
-            answers = self(requests, **kwargs)
+            # the named template, else the tokenizer's chat template, else the plain transcript (the formatter's)
+            requests = [list(conversations[i].messages) for i in active]
+            budgets = self._turn_budgets(requests, [batches[i][turn + 1:] for i in active], kwargs)
+            call = dict(kwargs)
+            if any(b is not None for b in budgets):
+                call["params"] = [None if b is None else {"max_new_tokens": b} for b in budgets]
+            answers = self(requests, **call)
             for i, answer in zip(active, answers):
                 content = answer if isinstance(answer, str) else answer[0]
                 conversations[i].messages.append({"role": "assistant", "content": content.strip()})
@@ -569,6 +575,39 @@ class SimpleGenerator:
         last = result.answers[-1] if single else [c.answers[-1] for c in conversations]
         return ((result,) if return_conversation in (None, True) else ()) + ((last,) if return_last_response else ())
 
+    def _turn_budgets(self, requests: list[list[dict]], futures: list[list[str]], kwargs: dict[str, Any]
+                      ) -> list[int | None]:
+        """Multi-turn answers share the context: a turn with user turns still to come gets at most its share
+        of the room they leave (context - the history with every remaining user prompt, split over this
+        turn's and the later answers), so a long first answer cannot leave no room for the second turn. The
+        last turn is capped by the call itself (as any prompt). None: no cap needed."""
+        if self.context_length is None or "params" in kwargs:
+            return [None] * len(requests)
+        wanted = kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.defaults.max_new_tokens))
+        if not isinstance(wanted, int) or isinstance(wanted, bool):
+            return [None] * len(requests)
+        formatter = self._formatter_for_call(dict(kwargs))
+        budgets: list[int | None] = []
+        for messages, future in zip(requests, futures):
+            if not future:
+                budgets.append(None)
+                continue
+            upcoming = list(messages)
+            for user in future:
+                upcoming += [{"role": "assistant", "content": ""}, {"role": "user", "content": user}]
+            try:
+                needed = len(formatter.tokenize([formatter.format_one(upcoming)])[0])
+            except Exception:  # noqa: BLE001 - a template refusal is reported by the call itself
+                budgets.append(None)
+                continue
+            answers_left = len(future) + (0 if self.is_encoder_decoder else 1)
+            share = max(1, (self.context_length - needed) // answers_left)
+            budgets.append(share if share < wanted else None)
+        if any(b is not None for b in budgets):
+            logger.info("conversation_from_user_prompts: %d answer(s) capped to their share of the model's "
+                        "context (%d tokens) so that the later turns still fit.",
+                        sum(b is not None for b in budgets), self.context_length)
+        return budgets
 
     # ------------------------------------------------------------------ web app
     def chat_app(self):
@@ -600,37 +639,6 @@ def _generation_config_of(model_name_or_path, config, model_kwargs):
         return GenerationConfig.from_model_config(config)
 
 
-def _weights_signature(path: str) -> list:
-    """Sizes and modification times of a local checkpoint's files: a retrained folder is a new model."""
-    if not os.path.isdir(path):
-        return []
-    signature = []
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin", ".gguf", ".json", ".model", ".pt")):
-            stat = os.stat(os.path.join(path, name))
-            signature.append([name, stat.st_size, int(stat.st_mtime)])
-    return signature
-
-
 def _family(engine) -> str:
     """The engine family in store keys: the HF engines share answers (both exact), runtimes do not."""
     return "hf" if engine.needs_hf_model else engine.name
-
-
-def _model_identity(model_name_or_path, tokenizer_name_or_path, config, lora_weights, dtype, quantization,
-                    family, model_kwargs) -> str:
-    """What identifies the model in store keys (JSON): a change of any of these never reuses an answer."""
-    local = os.path.isdir(model_name_or_path)
-    identity = {
-        "model": os.path.abspath(model_name_or_path) if local else model_name_or_path,
-        "revision": getattr(config, "_commit_hash", None) or model_kwargs.get("revision"),
-        "weights": _weights_signature(model_name_or_path) if local else None,
-        "gguf_file": model_kwargs.get("gguf_file"),
-        "tokenizer": tokenizer_name_or_path,
-        "lora": (os.path.abspath(lora_weights) if lora_weights and os.path.isdir(lora_weights) else lora_weights),
-        "lora_weights": _weights_signature(lora_weights) if lora_weights and os.path.isdir(lora_weights) else None,
-        "dtype": str(dtype),
-        "quantization": quantization,
-        "engine": family,
-    }
-    return json.dumps(identity, sort_keys=True)

@@ -101,10 +101,11 @@ class ParamsBuilder:
         """The call's keywords as (config overrides incl. ``seed``, extra ``generate`` arguments)."""
         kwargs = dict(generation_kwargs)
         seed = kwargs.pop("seed", None)
-        if "stop" in kwargs:
-            if "stop_strings" in kwargs:
-                raise ValueError("Pass either `stop` or `stop_strings`, not both.")
-            kwargs["stop_strings"] = kwargs.pop("stop")
+        for alias, name in ALIASES.items():  # `n`, `max_tokens`, `stop` work for the call as for one prompt
+            if alias in kwargs:
+                if name in kwargs:
+                    raise ValueError(f"Pass either `{alias}` or `{name}`, not both.")
+                kwargs[name] = kwargs.pop(alias)
         config_kwargs, call_kwargs = split_generation_kwargs(kwargs, self.forward_params)
         overrides = normalize_overrides({**config_kwargs, **({"seed": seed} if seed is not None else {})}, "call")
         return overrides, call_kwargs

@@ -64,12 +64,35 @@ class CallPlan:
         return [slot.request for slot in self.slots]
 
 
-def _check_text(text: str, where: str) -> None:
+def _text_problem(text: str, where: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"{where} holds a character that is not valid Unicode text (a lone surrogate at "
-                         f"position {err.start}); fix or drop it.") from None
+        return (f"{where} holds a character that is not valid Unicode text (a lone surrogate at position "
+                f"{err.start}); fix or drop it.")
+    return None
+
+
+# A prompt longer than context * PROBE_CHARS_PER_TOKEN characters is first tokenized from a piece of that size.
+PROBE_CHARS_PER_TOKEN = 16
+
+
+def probe_too_long(encode: Callable[[list[str]], list[list[int]]], text: str, context_length: int, *,
+                   from_end: bool = False) -> list[int] | None:
+    """The token ids of a piece of ``text`` that alone proves it longer than the context, or None.
+
+    A 50 MB prompt must not cost minutes and gigabytes to be found too long. A text of more than
+    ``context_length * PROBE_CHARS_PER_TOKEN`` characters is tokenized from a piece of that size (its start,
+    or with ``from_end`` its end, which truncation keeps): when the piece alone has at least twice the
+    context in tokens, the whole text is longer than the context (a piece's tokens differ from the whole
+    text's only near the cut) and the rest is never tokenized. Otherwise (very long tokens, a normalizer that
+    drops characters) None: tokenize all of it.
+    """
+    size = context_length * PROBE_CHARS_PER_TOKEN
+    if len(text) <= size:
+        return None
+    ids = encode([text[-size:] if from_end else text[:size]])[0]
+    return ids if len(ids) >= 2 * context_length else None
 
 
 def plan_call(
@@ -104,12 +127,14 @@ def plan_call(
         if isinstance(params, dict) or not isinstance(params, Sequence) or len(params) != n:
             raise ValueError(f"params must be a list with one dict (or None) per prompt: {n} prompts, got "
                              f"{len(params) if isinstance(params, Sequence) else type(params).__name__}.")
+    unusable: dict[int, str] = {}  # prompts that are not valid Unicode: one failed result each under "record"
     for index, item in enumerate(inputs):
-        if isinstance(item, str):
-            _check_text(item, f"texts[{index}]")
-        else:
-            for message in item:
-                _check_text(message["content"], f"texts[{index}]")
+        for text in [item] if isinstance(item, str) else [message["content"] for message in item]:
+            problem = _text_problem(text, f"texts[{index}]")
+            if problem is not None:
+                if not record:
+                    raise ValueError(problem)
+                unusable.setdefault(index, problem)
 
     base, call_kwargs = builder.split_call(generation_kwargs)
     base_params = builder.build(base, call_kwargs) if n else None
@@ -141,9 +166,14 @@ def plan_call(
         failed.add(index)
         ready.append(GenerationResult(index=index, error=message))
 
+    for index, problem in unusable.items():
+        fail(index, problem)
+
     # formatting, one prompt at a time so a refusal names its prompt
     texts: list[str] = [""] * n
     for index, item in enumerate(inputs):
+        if index in unusable:
+            continue
         try:
             texts[index] = formatter.format_checked(index, item)
         except ValueError as err:  # a template's refusal, reported per prompt
@@ -161,9 +191,16 @@ def plan_call(
 
     live = [i for i in range(n) if i not in failed and i not in removed]
     token_ids: dict[int, list[int]] = {}
-    if live:
-        encoded = start_empty(formatter.tokenize([texts[i] for i in live]))
-        token_ids = dict(zip(live, encoded))
+    probed: set[int] = set()  # far too long: token_ids holds a piece's tokens only (a lower bound of the count)
+    if context_length is not None:
+        for index in live:
+            ids = probe_too_long(formatter.tokenize, texts[index], context_length, from_end=truncate)
+            if ids is not None:
+                token_ids[index] = ids
+                probed.add(index)
+    rest = [i for i in live if i not in probed]
+    if rest:
+        token_ids.update(zip(rest, start_empty(formatter.tokenize([texts[i] for i in rest]))))
 
     # context room: too long fails (or is truncated); the new tokens are capped to what is left
     budgets: dict[int, int] = {}
@@ -192,16 +229,19 @@ def plan_call(
                 capped += 1
         budgets[index] = budget
     if too_long:
+        def tokens(index: int) -> str:
+            return f"{'at least ' if index in probed else ''}{len(token_ids[index])} tokens"
+
         first = too_long[0]
         message = (f"{len(too_long)} prompt(s) leave no room in the model's context of {context_length} tokens "
-                   f"(prompt {first} has {len(token_ids[first])} tokens). Shorten them, or pass "
+                   f"(prompt {first} has {tokens(first)}). Shorten them, or pass "
                    "truncate_prompts=True to keep the end of each prompt.")
         if not record:
             raise ValueError(message)
         for index in too_long:
             failed.add(index)
             ready.append(GenerationResult(index=index, prompt=texts[index], prompt_tokens=len(token_ids[index]),
-                                          error=f"prompt {index} has {len(token_ids[index])} tokens, more than the "
+                                          error=f"prompt {index} has {tokens(index)}, more than the "
                                                 f"model's context of {context_length}"))
         live = [i for i in live if i not in failed]
     if capped:
@@ -222,6 +262,9 @@ def plan_call(
     for index in live:
         prompt_params = per_prompt[index]
         identity_prompt = texts[index] + (f"\x00truncated:{token_ids[index]}" if index in truncated else "")
+        spans = getattr(texts[index], "content_spans", ())
+        if spans:  # special-token text of messages, tokenized as text: not the same prompt as the raw string
+            identity_prompt += f"\x00content-as-text:{list(spans)}"
         copy = 0
         if not prompt_params.deterministic:
             group = (identity_prompt, prompt_params.fingerprint)
@@ -352,4 +395,5 @@ def summarize(plan: CallPlan, results: dict[int, GenerationResult], started: flo
         stats.batches = engine_stats.batches
         stats.batch_size = engine_stats.batch_size
         stats.oom_retries = engine_stats.oom_retries
+        stats.forward_passes = engine_stats.forward_passes
     return stats

@@ -64,7 +64,8 @@ class RunSummary:
     generated_tokens: int = 0
     wall_time_s: float = 0.0
     batch_size: int = 0        # the static engine's (last) batch size, the continuous engine's slots
-    batches: int = 0           # static: batches run; continuous: forward passes (prefills and decoding steps)
+    batches: int = 0           # static: batches run; continuous: prefill batches (admissions of waiting prompts)
+    forward_passes: int = 0    # continuous: prefills + decoding steps (0 for engines that do not count them)
     oom_retries: int = 0
     energy_kwh: float | None = None
     emissions_kg_co2eq: float | None = None
@@ -76,6 +77,8 @@ class RunSummary:
     failed: int = 0            # prompts whose result has an error
     capped: int = 0            # prompts whose new tokens were capped by the context length
     failures: list[tuple[int, str]] = field(default_factory=list)
+    peak_rss_mb: float | None = None   # peak resident memory of the process during the call (Linux: the call's own)
+    peak_cuda_mb: float | None = None  # peak CUDA memory allocated during the call, all devices (None without CUDA)
 
     @property
     def tokens_per_second(self) -> float:

@@ -77,38 +77,104 @@ class StoredAnswer:
     error: str | None = None
 
 
+class StoreError(ValueError):
+    """A file that cannot be used as a store (not SQLite, corrupt, another program's database, another schema)."""
+
+
+_COLUMNS = ("key", "model", "prompt", "params", "texts", "token_ids", "finish_reasons", "prompt_tokens",
+            "completion_tokens", "error", "created_at")
+
+
+def _refuse(path: str, why: str) -> StoreError:
+    return StoreError(f"{path!r} cannot be used as a simple-generation store: {why}. Nothing was written to it; "
+                      "pass another path (--store), or move the file away to start over.")
+
+
+def _check_schema(db: sqlite3.Connection, path: str) -> bool:
+    """Raise :class:`StoreError` unless the database is empty or one of our stores of this schema; True when
+    empty (a new store). Only reads."""
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise _refuse(path, f"not a readable SQLite database ({err})") from err
+    if not tables:
+        return True
+    if "meta" not in tables or "results" not in tables:
+        raise _refuse(path, f"a SQLite database of another program (tables: {', '.join(sorted(tables))})")
+    try:
+        row = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        columns = {info[1] for info in db.execute("PRAGMA table_info(results)")}
+    except sqlite3.DatabaseError as err:
+        raise _refuse(path, f"a damaged database ({err})") from err
+    if row is None or not set(_COLUMNS) <= columns:
+        raise _refuse(path, "its tables are not those of a simple-generation store")
+    if str(row[0]) != str(SCHEMA_VERSION):
+        newer = str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION
+        raise _refuse(path, f"it has schema version {row[0]}, this version of simple-generation reads version "
+                            f"{SCHEMA_VERSION}" + (" (upgrade simple-generation to use it)" if newer else ""))
+    return False
+
+
 class ResultStore:
     """The SQLite file at ``path`` (created when missing). Safe to share between the processes of one
-    machine (``accelerate launch`` ranks write their own answers); not over a network filesystem."""
+    machine (``accelerate launch`` ranks write their own answers); not over a network filesystem.
 
-    def __init__(self, path: str | os.PathLike):
+    An existing file is checked before anything is written to it: a file that is not SQLite, a damaged
+    one, another program's database or a store of another schema version raises :class:`StoreError`
+    and is left as it was. ``check_integrity=True`` also runs SQLite's ``PRAGMA quick_check`` (reads the
+    whole file once).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, check_integrity: bool = False):
         self.path = str(path)
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"The store's folder {directory!r} does not exist; create it or pick another "
                                     "path.")
+        if os.path.exists(self.path) and not os.path.isfile(self.path):
+            raise _refuse(self.path, "not a regular file")
         self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        try:
+            self._open(check_integrity)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self, check_integrity: bool) -> None:
         # Several processes (accelerate launch ranks) may open a new store at once: switching to WAL and
         # creating the tables take a lock that SQLite may refuse at once rather than wait for; retry.
         deadline = time.monotonic() + 60
         while True:
             try:
                 self._db.execute("PRAGMA busy_timeout = 60000")
+                new = _check_schema(self._db, self.path)  # reads only: a foreign file is never written to
+                if check_integrity and not new:
+                    problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+                    if problems != ["ok"]:
+                        raise _refuse(self.path, f"a damaged database ({'; '.join(problems[:3])})")
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = NORMAL")
-                self._db.executescript(_SCHEMA)
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                if new:
+                    # one transaction: another process sees no tables or all of them, never a half-made store
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        if _check_schema(self._db, self.path):
+                            for statement in _SCHEMA.split(";"):
+                                if statement.strip():
+                                    self._db.execute(statement)
+                            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                             (str(SCHEMA_VERSION),))
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
                 break
             except sqlite3.OperationalError as err:
                 if "locked" not in str(err) and "busy" not in str(err) or time.monotonic() > deadline:
-                    self._db.close()
-                    raise ValueError(f"{self.path!r} is not a usable simple-generation store ({err}). Pass another "
-                                     "path, or delete the file to start over.") from err
+                    raise _refuse(self.path, str(err)) from err
                 time.sleep(0.05)
             except sqlite3.DatabaseError as err:
-                self._db.close()
-                raise ValueError(f"{self.path!r} is not a usable simple-generation store ({err}). Pass another "
-                                 "path, or delete the file to start over.") from err
+                raise _refuse(self.path, f"a damaged database ({err})") from err
 
     def get_many(self, keys: Sequence[str], include_errors: bool = False) -> dict[str, StoredAnswer]:
         """The stored answers among ``keys`` (failed ones only with ``include_errors``)."""
@@ -146,6 +212,12 @@ class ResultStore:
         return int(self._db.execute("SELECT COUNT(*) FROM results WHERE error IS NULL").fetchone()[0])
 
     def close(self) -> None:
+        """Close the file, first folding the write-ahead log into it when no other process uses the store
+        (then ``X.sqlite`` alone holds every answer and can be copied; otherwise use ``sqlite3 X ".backup Y"``)."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:  # another process holds the store: it checkpoints when it closes
+            pass
         self._db.close()
 
     def __enter__(self) -> ResultStore:

@@ -3,15 +3,24 @@
 The folder it writes loads with ``from_pretrained(path)`` like any hub checkpoint, so
 ``SimpleGenerator(path)`` runs the same code a hub id does.
 
+The build is deterministic: the same options and ``seed`` write byte-identical files (so a rebuilt
+checkpoint keeps its identity in a result store). From the command line, a ``PATH`` that already holds a
+checkpoint is kept as it is (``--force`` rebuilds it), so a script that builds and then runs a job can
+be rerun and resume.
+
 Example:
     $ python -m simple_generation.tiny /tmp/tiny-llama --arch llama
-    $ simple-generation /tmp/tiny-llama --prompt "Hello" --max-new-tokens 8
+    $ simple-generation run /tmp/tiny-llama --prompt "Hello" --max-new-tokens 8
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 _CORPUS = """\
@@ -132,23 +141,81 @@ def build_tiny_checkpoint(
     model = auto.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    # Written beside PATH, then moved in with config.json last: a build killed half-way never leaves a
+    # folder that `holds_checkpoint` would take for a finished one.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
+        if (path / "config.json").exists():
+            os.unlink(path / "config.json")
+        for name in names:
+            os.replace(staging / name, path / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
+def holds_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a finished checkpoint: a config, weights and a tokenizer."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "tokenizer_config.json").is_file():
+        return False
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+# config.json keys of the builder's options, per architecture: hidden, layers, heads, context
+_OPTION_KEYS = {
+    "llama": ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"),
+    "gpt2": ("n_embd", "n_layer", "n_head", "n_positions"),
+    "t5": ("d_model", "num_layers", "num_heads", None),
+    "bart": ("d_model", "encoder_layers", "encoder_attention_heads", "max_position_embeddings"),
+}
+
+
+def _mismatches(path: Path, arch: str, options: dict[str, int]) -> list[str]:
+    """How the checkpoint at ``path`` differs from what these options would build (its config.json)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["an unreadable config.json"]
+    if config.get("model_type") != arch:
+        return [f"architecture {config.get('model_type')!r}, not {arch!r}"]
+    out = []
+    for (name, wanted), key in zip(options.items(), _OPTION_KEYS[arch]):
+        if key is not None and config.get(key) != wanted:
+            out.append(f"{name} {config.get(key)}, not {wanted}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a tiny random checkpoint with a locally trained tokenizer.")
+    parser = argparse.ArgumentParser(
+        description="Write a tiny random checkpoint with a locally trained tokenizer. Deterministic: the same "
+                    "options and --seed write byte-identical files. A PATH that already holds a checkpoint is "
+                    "kept (use --force to rebuild it).")
     parser.add_argument("path")
     parser.add_argument("--arch", choices=ARCHITECTURES, default="llama")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if PATH already holds a checkpoint")
     args = parser.parse_args(argv)
-    out = build_tiny_checkpoint(args.path, args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                                context=args.context)
-    print(out, file=sys.stderr)
+    path = Path(args.path)
+    if not args.force and holds_checkpoint(path):
+        options = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "context": args.context}
+        differences = _mismatches(path, args.arch, options)
+        if differences:
+            parser.exit(2, f"{path} already holds another checkpoint ({'; '.join(differences)}): pass --force "
+                           "to replace it, or choose another path.\n")
+        print(f"{path}: a checkpoint exists, kept (--force rebuilds it; its --seed is not checked)",
+              file=sys.stderr)
+        return
+    out = build_tiny_checkpoint(path, args.arch, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                                context=args.context, seed=args.seed)
+    print(f"{out}: built", file=sys.stderr)
 
 
 if __name__ == "__main__":

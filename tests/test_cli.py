@@ -309,6 +309,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(llama_path, tmp_
     assert cached >= len(written)  # what was written before the kill was not generated again
 
 
+@pytest.mark.slow  # (and tests/test_readme.py runs the whole line, tiny build included, twice)
 def test_readme_main_job_command_runs(llama_path, tmp_path):
     """The README's first command (after set-up) runs as written, on a tiny model, and a rerun resumes."""
     import shlex

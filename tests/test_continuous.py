@@ -144,7 +144,8 @@ def test_per_row_logits_processors_equal_unbatched(llama):
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("warping", [{"temperature": 0.7}, {"top_k": 20, "top_p": 0.9}])
+@pytest.mark.parametrize("warping", [{"temperature": 0.7},
+                                     pytest.param({"top_k": 20, "top_p": 0.9}, marks=pytest.mark.slow)])
 def test_seeded_sampling_equals_static_seeded_sampler(model_and_tokenizer, warping):
     model, tokenizer = model_and_tokenizer
     n = 3
@@ -219,6 +220,7 @@ def test_requests_with_different_parameters_share_the_batch(llama):
         assert output.sequences == expected, request.id
 
 
+@pytest.mark.slow
 def test_lora_adapter_equals_unbatched(llama):
     peft = pytest.importorskip("peft")
     model, tokenizer = llama
@@ -447,8 +449,10 @@ def _tiny_causal(arch: str):
     return AutoModelForCausalLM.from_config(configs[arch]()).eval()
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt_neox", "qwen2", "mistral", "phi", "gemma", "falcon", "gptj",
-                                  "gpt_bigcode", "qwen3", "phi3", "llama3_rope", "gemma2"])
+# The quick tier keeps three of them; the rest are slow.
+@pytest.mark.parametrize("arch", ["opt", "gpt_neox", "qwen2"] + [
+    pytest.param(arch, marks=pytest.mark.slow) for arch in
+    ("mistral", "phi", "gemma", "falcon", "gptj", "gpt_bigcode", "qwen3", "phi3", "llama3_rope", "gemma2")])
 def test_other_architectures_greedy_equal_unbatched(arch):
     model = _tiny_causal(arch)
     engine = ContinuousEngine(model, None, max_slots=3)

@@ -18,8 +18,12 @@ def arch_case(request, tiny_checkpoints):
     return request.param, generator, expected
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 8, "auto"])
-@pytest.mark.parametrize("sort", [True, False])
+# The quick tier keeps one case per architecture (sorted batches of 3); the whole grid is slow.
+@pytest.mark.parametrize("sort, batch_size", [
+    pytest.param(sort, batch_size, id=f"{sort}-{batch_size}",
+                 marks=() if (sort, batch_size) == (True, 3) else pytest.mark.slow)
+    for sort in (True, False) for batch_size in (1, 3, 8, "auto")
+])
 def test_batched_greedy_equals_unbatched_hf(arch_case, batch_size, sort):
     arch, generator, expected = arch_case
     answers = generator(
@@ -62,7 +66,7 @@ def test_num_return_sequences_groups_answers_per_prompt(llama_path):
     assert all(isinstance(a, list) and len(a) == 3 and all(isinstance(x, str) for x in a) for a in answers)
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("batch_size", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_beam_search_matches_hf(llama_path, batch_size):
     generator = SimpleGenerator(llama_path, device="cpu")
     expected = hf_greedy(llama_path, PROMPTS[:6], 8, num_beams=3)
@@ -77,6 +81,7 @@ def test_single_string_input_returns_list(gpt2_path):
     assert isinstance(answers, list) and len(answers) == 1
 
 
+@pytest.mark.slow
 def test_pad_token_outside_the_embeddings_falls_back_to_eos(llama_path, tmp_path, caplog):
     """A tokenizer whose pad token was added without resizing the model must not crash padded batches."""
     import shutil

@@ -88,10 +88,19 @@ def test_apply_chat_template_without_one_raises(llama_path):
         SimpleGenerator(llama_path, device="cpu", apply_chat_template=True, track_emissions=False)
 
 
-def test_conversation_without_any_template_raises(llama_path):
+def test_conversation_without_any_template_is_the_multi_turn_transcript(llama_path):
+    """With neither a named nor a chat template, a conversation is the plain transcript, exactly as
+    conversation_from_user_prompts formats its history (the two agree)."""
     generator = SimpleGenerator(llama_path, device="cpu", track_emissions=False)
-    with pytest.raises(ValueError, match="template"):
-        generator([[{"role": "user", "content": "hi"}]], max_new_tokens=2)
+    kwargs = dict(max_new_tokens=3, temperature=0, show_progress_bar=False)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "more"}]
+    assert generator.formatter.format([messages]) == ["User: hi\nAssistant: hello\nUser: more\nAssistant:"]
+    assert generator([messages], **kwargs) == generator(["User: hi\nAssistant: hello\nUser: more\nAssistant:"],
+                                                        **kwargs)
+    conversation = generator.conversation_from_user_prompts(["hi", "more"], **kwargs)
+    history = conversation.messages[:3]
+    assert generator([history], skip_prompt=True, **kwargs)[0].strip() == conversation.answers[-1]
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -191,3 +200,18 @@ def test_chat_template_options_at_call_time(chat_path, add_generation_prompt):
                                   add_generation_prompt=add_generation_prompt, track_emissions=False)
     assert constructed(prompts, max_new_tokens=5, temperature=0, skip_prompt=True,
                        show_progress_bar=False) == expected
+
+
+def test_multi_turn_answers_share_the_context(llama_path):
+    """On a 256-token model with 500 new tokens asked (and EOS held off), a long first answer would leave no
+    room for the later turns: each turn gets its share of the room, and every turn is answered."""
+    generator = SimpleGenerator(llama_path, device="cpu", track_emissions=False)
+    assert generator.context_length == 256
+    turns = ["Hi", "Tell me more", "And again"]
+    conversation = generator.conversation_from_user_prompts(turns, max_new_tokens=500, min_new_tokens=500,
+                                                            temperature=0, show_progress_bar=False)
+    assert [m["role"] for m in conversation.messages] == ["user", "assistant"] * 3
+    lengths = [len(generator.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in conversation.answers]
+    assert all(n > 10 for n in lengths), lengths            # nobody was starved
+    assert lengths[0] < 256 // 2, lengths                   # the first turn left room for two more answers
+    assert generator.last_run.prompts == 1                  # the last turn ran (its prompt fit the context)

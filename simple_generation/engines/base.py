@@ -53,10 +53,13 @@ def runtime_unsupported(params: GenerationParams, engine: str, unsupported_field
 class EngineStats:
     """Counters an engine updates while it runs (read after the stream ends)."""
 
-    batches: int = 0
+    batches: int = 0             # static: batches run; continuous: prefill batches (admissions)
     batch_size: int = 0          # the (last) batch size / number of slots used
     oom_retries: int = 0
     generated_tokens: int = 0
+    forward_passes: int = 0      # continuous: prefills and decoding steps (0 where the engine does not count them)
+    peak_rows: int = 0           # continuous: the most rows decoded together
+    peak_cache_bytes: int = 0    # continuous: the largest KV cache allocated
 
 
 @runtime_checkable

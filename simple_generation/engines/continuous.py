@@ -40,10 +40,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessorList
 
+from ..memory import available_bytes, kv_bytes_per_token
 from ..requests import EngineOutput, FinishReason, GenerationParams, Request, token_id_list
 from ..sampling import greedy_config, gumbel_noise, warpers
 from ..scheduling import BatchFailed, is_out_of_memory
 from .base import EngineContext, EngineStats, input_device
+from .slot_cache import SlotCache
 
 logger = logging.getLogger("simple_generation")
 
@@ -74,13 +76,13 @@ def _eos_ids(config) -> frozenset[int]:
     return frozenset(token_id_list(config.eos_token_id))
 
 
-def _select_rows(cache: DynamicCache, index: torch.Tensor, start: int = 0) -> None:
-    """Keep the batch rows ``index`` (and the columns from ``start`` on) of every layer, wherever it lives."""
+def _select_rows(cache: DynamicCache, index: torch.Tensor) -> None:
+    """Keep the batch rows ``index`` of every layer of a prefilled cache, wherever it lives."""
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:
             continue
-        layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[..., start:, :]
-        layer.values = layer.values.index_select(0, index.to(layer.values.device))[..., start:, :]
+        layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+        layer.values = layer.values.index_select(0, index.to(layer.values.device))
 
 
 @dataclass
@@ -132,16 +134,22 @@ class ContinuousEngine:
 
     Knobs (engine keywords): ``max_slots`` (rows decoded together; default 64 on CPU, 128 on an
     accelerator; out-of-memory lowers it), ``max_batch_tokens``
-    (padded prompt tokens prefilled in one forward pass, default 2048) and ``refill_fraction``
-    (admit waiting requests once this fraction of the slots is free, default 0.25).
+    (padded prompt tokens prefilled in one forward pass, default 2048), ``refill_fraction``
+    (admit waiting requests once this fraction of the slots is free, default 0.25), and the KV cache's
+    memory: ``kv_cache_memory_bytes`` (a fixed budget) or ``kv_cache_memory_fraction`` (of the memory
+    available when a call starts: free RAM on the CPU, free device memory on a GPU; default 0.5). A
+    request is admitted only while every running row, padded to the batch's width plus the longest
+    answer still to come, fits the budget, so long contexts run fewer rows instead of outgrowing the
+    machine (one request always runs, alone if need be).
     """
 
     name = "continuous"
     needs_hf_model = True
-    KWARGS = ("max_slots", "max_batch_tokens", "refill_fraction")
+    KWARGS = ("max_slots", "max_batch_tokens", "refill_fraction", "kv_cache_memory_bytes", "kv_cache_memory_fraction")
 
     def __init__(self, model, tokenizer, is_encoder_decoder: bool = False, *, max_slots: int | None = None,
-                 max_batch_tokens: int = 2048, refill_fraction: float = 0.25):
+                 max_batch_tokens: int = 2048, refill_fraction: float = 0.25,
+                 kv_cache_memory_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5):
         if max_slots is None:  # measured best on a 2-core CPU; accelerators want wide batches
             device = getattr(model, "device", None)
             max_slots = 64 if device is None or torch.device(device).type == "cpu" else 128
@@ -151,12 +159,20 @@ class ContinuousEngine:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}.")
         if not 0 < float(refill_fraction) <= 1:
             raise ValueError(f"refill_fraction must be in (0, 1], got {refill_fraction!r}.")
+        if kv_cache_memory_bytes is not None and (isinstance(kv_cache_memory_bytes, bool)
+                                                  or not isinstance(kv_cache_memory_bytes, int)
+                                                  or kv_cache_memory_bytes < 1):
+            raise ValueError(f"kv_cache_memory_bytes must be a positive integer, got {kv_cache_memory_bytes!r}.")
+        if not 0 < float(kv_cache_memory_fraction) <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {kv_cache_memory_fraction!r}.")
         self.model = model
         self.tokenizer = tokenizer
         self.is_encoder_decoder = bool(is_encoder_decoder)
         self.max_slots = max_slots
         self.max_batch_tokens = max_batch_tokens
         self.refill_fraction = float(refill_fraction)
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.kv_cache_memory_fraction = float(kv_cache_memory_fraction)
         self.stats = EngineStats(batch_size=max_slots)
         self._call_slots: int | None = None
         # a peft model forwards every keyword to the model it wraps: read that one's signature
@@ -301,13 +317,22 @@ class _Scheduler:
                 queue.append(request)
         self.waiting: deque[Request] = deque(sorted(queue, key=lambda r: -len(r.token_ids)))
         self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
+        self.cache: SlotCache | None = None
         self.mask: torch.Tensor | None = None       # (rows, cache length) 1 = real token
         self.lengths: torch.Tensor | None = None    # (rows,) real tokens in the cache = next position id
         self.admitted = 0
         self.admitting: list[Request] = []
+        # the KV cache's budget, and its bytes per token (from the config; measured at the first prefill)
+        model = engine.model
+        element = next(model.parameters()).element_size() if any(True for _ in model.parameters()) else 4
+        self.token_bytes = kv_bytes_per_token(config, element)
+        self.budget = engine.kv_cache_memory_bytes or int(engine.kv_cache_memory_fraction
+                                                          * available_bytes(self.device))
 
     # ------------------------------------------------------------------ the loop
+    # autograd off while the generator runs (torch re-enters the mode at each resume): a recorded graph
+    # would keep every step's activations and cache copies alive
+    @torch.inference_mode()
     def run(self) -> Iterator[tuple[Request, EngineOutput]]:
         while self.done:
             yield self.done.pop(0)
@@ -341,10 +366,21 @@ class _Scheduler:
         if not self.rows:  # an empty batch always takes the head (even a request wider than the slots)
             return True
         free = self.max_slots - len(self.rows)
-        if free < self._rows_needed(self.waiting[0]):
+        if free < self._rows_needed(self.waiting[0]) or not self._fits([self.waiting[0]]):
             return False
         waiting_rows = sum(self._rows_needed(r) for r in self.waiting)
         return free >= min(waiting_rows, max(1, math.ceil(self.max_slots * self.engine.refill_fraction)))
+
+    def _cache_bytes(self, extra: Sequence[Request]) -> int:
+        """The cache's size with ``extra`` admitted: every row padded to the widest prompt or running row,
+        plus room for the longest answer still to come."""
+        rows = len(self.rows) + sum(self._rows_needed(r) for r in extra)
+        width = max([self.mask.shape[1] if self.rows else 0] + [len(r.token_ids) for r in extra])
+        room = max([row.budget - len(row.tokens) for row in self.rows] + [r.max_new_tokens for r in extra])
+        return rows * (width + room) * self.token_bytes
+
+    def _fits(self, extra: Sequence[Request]) -> bool:
+        return self._cache_bytes(extra) <= self.budget
 
     @staticmethod
     def _rows_needed(request: Request) -> int:
@@ -357,7 +393,8 @@ class _Scheduler:
         A chunk is one forward pass: at most ``max_batch_tokens`` padded tokens, and a prompt joins it
         only if padding it to the chunk's width wastes little (the queue is sorted longest first).
         """
-        while self.waiting and (not self.rows or self.max_slots - len(self.rows) >= self._rows_needed(self.waiting[0])):
+        while self.waiting and (not self.rows or (self.max_slots - len(self.rows) >= self._rows_needed(self.waiting[0])
+                                                  and self._fits([self.waiting[0]]))):
             free = self.max_slots - len(self.rows)
             batch: list[Request] = []
             rows = width = 0
@@ -367,7 +404,7 @@ class _Scheduler:
                 if batch:
                     wide = max(width, length)
                     if (rows + need > free or wide * (len(batch) + 1) > self.engine.max_batch_tokens
-                            or abs(width - length) > max(8, wide // 4)):
+                            or abs(width - length) > max(8, wide // 4) or not self._fits(batch + [request])):
                         break
                 batch.append(self.waiting.popleft())
                 rows += need
@@ -393,6 +430,7 @@ class _Scheduler:
         logits = self.engine.forward(input_ids.to(self.device), mask.to(self.device), positions.to(self.device),
                                      cache)
         self.engine.stats.batches += 1
+        self.engine.stats.forward_passes += 1
         # rows: one per greedy request, n per sampled one (prefilled once, the cache row repeated)
         tasks, new_rows, source = [], [], []
         for i, request in enumerate(ready):
@@ -448,25 +486,30 @@ class _Scheduler:
         return row
 
     def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Concatenate a prefilled cache to the running one, left-padding the shorter to the longer."""
+        """Add prefilled rows to the running batch (its :class:`SlotCache`), left-padding the narrower side."""
+        if not SlotCache.supports(cache):
+            raise RuntimeError(f"{type(self.engine.model).__name__}'s cache layers are not plain key/value layers: "
+                               "use engine='static'")
+        self.token_bytes = sum(layer.keys[0, :, :1].numel() * layer.keys.element_size()
+                               + layer.values[0, :, :1].numel() * layer.values.element_size() for layer in cache.layers)
+        running = self.rows + list(rows)
+        room = max(row.budget - len(row.tokens) for row in running)
+        width = max(mask.shape[1], self.mask.shape[1] if self.rows else 0)
+        # buffers for the rows that may run soon, within the budget (they are zeroed, so they take memory)
+        slots = min(self.max_slots, len(running) + sum(self._rows_needed(r) for r in self.waiting),
+                    self.budget // max(1, (width + room) * self.token_bytes))
+        slots = max(slots, len(running))
         if self.cache is None or not self.rows:
-            self.cache, self.mask, self.lengths, self.rows = cache, mask, lengths, list(rows)
+            self.cache = SlotCache(cache, slots, room)
+            self.mask, self.lengths, self.rows = mask, lengths, list(rows)
             return
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         total = max(old_len, new_len)
-        layers = []
-        for old, new in zip(self.cache.layers, cache.layers):
-            pair = []
-            for a, b in ((old.keys, new.keys), (old.values, new.values)):
-                a = F.pad(a, (0, 0, total - old_len, 0)) if total > old_len else a
-                b = F.pad(b, (0, 0, total - new_len, 0)) if total > new_len else b
-                pair.append(torch.cat([a, b.to(a.device)], dim=0))
-            layers.append(tuple(pair))
-        merged_mask = torch.cat([F.pad(self.mask, (total - old_len, 0)), F.pad(mask, (total - new_len, 0))], dim=0)
-        self.cache = DynamicCache(layers)
-        self.mask = merged_mask
+        self.cache.set_room(room)
+        self.cache.add(cache, slots)
+        self.mask = torch.cat([F.pad(self.mask, (total - old_len, 0)), F.pad(mask, (total - new_len, 0))], dim=0)
         self.lengths = torch.cat([self.lengths, lengths])
-        self.rows = self.rows + list(rows)
+        self.rows = running
 
     # ------------------------------------------------------------------ decoding
     def _decode_step(self) -> None:
@@ -480,7 +523,10 @@ class _Scheduler:
         except BaseException:
             self._crop(length)
             raise
-        self.engine.stats.batches += 1
+        self.engine.stats.forward_passes += 1
+        stats = self.engine.stats
+        stats.peak_rows = max(stats.peak_rows, len(rows))
+        stats.peak_cache_bytes = max(stats.peak_cache_bytes, self.cache.allocated_bytes)
         self.mask, self.lengths = mask, self.lengths + 1
         tokens = self._choose(rows, logits)
         keep = self._append(rows, tokens)
@@ -490,26 +536,21 @@ class _Scheduler:
 
     def _crop(self, length: int) -> None:
         """Undo a failed step's partial cache updates (layers already updated are cut back)."""
-        if self.cache is None:
-            return
-        for layer in self.cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 and layer.keys.shape[-2] > length:
-                layer.keys = layer.keys[..., :length, :]
-                layer.values = layer.values[..., :length, :]
+        if self.cache is not None:
+            self.cache.crop_to(length)
 
     def _select(self, keep: list[int]) -> None:
-        """Keep only the rows ``keep`` and trim the cache columns none of them uses."""
+        """Keep only the rows ``keep`` (ascending) and trim the cache columns none of them uses."""
         if not keep:
             self.rows, self.cache, self.mask, self.lengths = [], None, None, None
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        used = mask.any(dim=0).nonzero()
+        used = self.mask.index_select(0, torch.tensor(keep, device=self.mask.device)).any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
-        _select_rows(self.cache, index, start)
-        self.mask = mask[:, start:]
+        order = self.cache.keep(keep, trim=start)
+        index = torch.tensor(order, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)[:, start:]
         self.lengths = self.lengths.index_select(0, index)
-        self.rows = [self.rows[i] for i in keep]
+        self.rows = [self.rows[i] for i in order]
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """The next token of each row, as ``model.generate`` would pick it for that row alone."""

@@ -393,6 +393,24 @@ def read_records(
         yield record
 
 
+class UniqueCustomIds:
+    """Checks that the ``custom_id``s of OpenAI Batch request lines are unique (the format requires it: the
+    answers are matched on them). Memory: one entry per request."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def check(self, record: InputRecord) -> InputError | None:
+        """An error naming both lines when ``record`` repeats an earlier request's custom_id, else None."""
+        if record.openai is None or record.custom_id is None:
+            return None
+        first = self._seen.setdefault(record.custom_id, record.source)
+        if first == record.source:
+            return None
+        return InputError(f"{record.source}: custom_id {record.custom_id!r} is already used at {first}; the "
+                          "custom_ids of an OpenAI Batch file must be unique.")
+
+
 def windows(records: Iterable[InputRecord], size: int = 10_000) -> Iterator[list[InputRecord]]:
     """Consecutive lists of at most ``size`` records."""
     window: list[InputRecord] = []
@@ -445,10 +463,15 @@ def scan(path: str | Path, *, input_format: str | None = None, prompt_field: str
 
     seen: set[bytes] = set()
     custom_ids: set[str] = set()
+    unique = UniqueCustomIds()
     try:
         report.format = detect_format(path, input_format)
         for record in read_records(path, input_format=input_format, prompt_field=prompt_field,
                                    messages_field=messages_field, limit=limit, on_invalid=invalid, stdin=stdin):
+            repeated = unique.check(record)
+            if repeated is not None:
+                invalid(repeated)
+                continue
             report.records += 1
             if not isinstance(record.prompt, str):
                 report.chat += 1

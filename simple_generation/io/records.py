@@ -47,6 +47,30 @@ PARAM_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_n
                  "num_return_sequences": "n", "stop_strings": "stop"}
 PARAM_KEYS = frozenset(PARAM_KINDS) | frozenset(PARAM_ALIASES)
 
+# transformers' GenerationConfig fields that change an answer (4.56-5.x), known without importing it: a record
+# key with one of these names (and not a per-record parameter) is refused rather than carried as metadata, and
+# --generation checks its keys against them (tests/test_hardening_cli.py keeps the list true).
+GENERATION_CONFIG_FIELDS = frozenset({
+    "assistant_confidence_threshold", "assistant_early_exit", "assistant_ensemble_weight", "assistant_lookbehind",
+    "bad_words_ids", "speculation_type", "target_lookbehind", "top_h", "use_mtp",
+    "begin_suppress_tokens", "bos_token_id", "cache_implementation", "constraints", "decoder_start_token_id",
+    "diversity_penalty", "do_sample", "dola_layers", "early_stopping", "encoder_no_repeat_ngram_size",
+    "encoder_repetition_penalty", "eos_token_id", "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty",
+    "force_words_ids", "forced_bos_token_id", "forced_eos_token_id", "guidance_scale", "length_penalty",
+    "low_memory", "max_length", "max_matching_ngram_size", "max_new_tokens", "max_time", "min_length",
+    "min_new_tokens", "min_p", "no_repeat_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "num_beam_groups", "num_beams", "num_return_sequences", "pad_token_id", "penalty_alpha",
+    "prompt_lookup_num_tokens", "remove_invalid_values", "renormalize_logits", "repetition_penalty",
+    "sequence_bias", "stop_strings", "suppress_tokens", "temperature", "token_healing", "top_k", "top_p",
+    "typical_p", "use_cache", "watermarking_config",
+})
+# Arguments of `model.generate` that are not GenerationConfig attributes.
+GENERATE_CALL_ARGS = frozenset({
+    "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
+    "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "tokenizer",
+    "assistant_tokenizer",
+})
+
 # Names of the output record's own columns; a carried field with one of these names is kept as `input_<name>`.
 OUTPUT_KEYS = ("index", "prompt", "answer", "finish_reason", "prompt_tokens", "completion_tokens", "error",
                "duplicate_of")
@@ -138,6 +162,10 @@ def split_params(record: Mapping[str, Any], where: str, *, from_text: bool = Fal
         if key in exclude:
             continue
         if key not in PARAM_KEYS:
+            if key in GENERATION_CONFIG_FIELDS:
+                raise InputError(f"{where}: `{key}` is a generation setting that cannot be set per record (per-record "
+                                 f"parameters: {', '.join(sorted(PARAM_KEYS))}); set it for the whole run "
+                                 f"(--generation {key}=...) or rename the field.")
             fields[key] = value
             continue
         if value is None or (from_text and value == ""):
@@ -147,6 +175,28 @@ def split_params(record: Mapping[str, Any], where: str, *, from_text: bool = Fal
             raise InputError(f"{where}: both {key!r} and another name for `{name}` are set; keep one.")
         params[name] = validate_param(name, value, where, from_text=from_text)
     return params, fields
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The position of the first lone surrogate in ``text`` (not valid Unicode: UTF-8 cannot encode it, e.g.
+    half of an emoji cut by a scraper), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def prompt_problem(prompt: str | list[dict[str, Any]] | None) -> str | None:
+    """Why a prompt cannot be generated from, found without a model (today: a lone surrogate), or None."""
+    texts = [prompt] if isinstance(prompt, str) else [m.get("content") for m in prompt or []]
+    for number, text in enumerate(texts):
+        position = lone_surrogate(text) if isinstance(text, str) else None
+        if position is not None:
+            where = "the prompt" if isinstance(prompt, str) else f"message {number}"
+            return (f"{where} holds a lone surrogate (U+{ord(text[position]):04X} at character {position}), which is "
+                    "not valid Unicode text (half of a cut emoji?); fix or drop it")
+    return None
 
 
 def validate_messages(messages: Any, where: str) -> list[dict[str, Any]]:

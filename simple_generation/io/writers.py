@@ -2,8 +2,13 @@
 
 :class:`OrderedWriter` buffers a record that comes early and writes every record as soon as all earlier
 indices are written, flushing after each write: a JSONL or CSV output is always a valid prefix of the
-final file (a killed run leaves whole records only). Parquet is written in row groups and is readable
-once closed (a rerun from the store rewrites it).
+final file (a killed run leaves whole records only). Parquet is written in row groups to ``<output>.partial``
+beside the output, and renamed to the output when closed; an older output is removed when the writer opens,
+so a run killed before its end never leaves another run's complete file looking like its result.
+
+Text that UTF-8 cannot encode (a lone surrogate, e.g. ``"\\udfff"`` read from a JSON escape in a carried
+field) never stops a writer: a JSONL line holding one is written with ASCII escapes (``\\udfff``, read back
+as the same string), and a CSV or parquet cell gets the escape as text.
 
 Formats: ``jsonl`` (default), ``csv``, ``parquet`` and ``openai-batch`` (OpenAI Batch API output lines:
 ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``).
@@ -14,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +28,23 @@ from typing import IO, Any
 OUTPUT_FORMATS = ("jsonl", "csv", "parquet", "openai-batch")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet",
                ".pq": "parquet"}
+
+
+def _escape(text: str) -> str:
+    """``text``, with characters UTF-8 cannot encode (lone surrogates) written as ``\\udfff`` escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json_line(value: Any) -> str:
+    """One JSON line; ASCII-escaped when it holds a lone surrogate (still valid JSON, read back the same)."""
+    line = json.dumps(value, ensure_ascii=False)
+    if _escape(line) is not line:
+        line = json.dumps(value, ensure_ascii=True)
+    return line + "\n"
 
 
 def output_format_for(path: str | Path | None, output_format: str | None = None) -> str:
@@ -36,7 +59,8 @@ def output_format_for(path: str | Path | None, output_format: str | None = None)
 
 
 def _short_hash(*parts: Any, size: int = 12) -> str:
-    return hashlib.blake2b(json.dumps(parts, ensure_ascii=False, default=str).encode(), digest_size=size).hexdigest()
+    return hashlib.blake2b(json.dumps(parts, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"),
+                           digest_size=size).hexdigest()
 
 
 def openai_batch_line(record: dict[str, Any], *, chat: bool = True, model: str | None = None,
@@ -119,7 +143,13 @@ class OrderedWriter:
         self._csv_columns: list[str] | None = None
         self._dropped: set[str] = set()
         self._file: IO[str] | None = None
-        if self.format != "parquet":
+        self._partial: Path | None = None
+        if self.format == "parquet":
+            self._partial = self.path.with_name(self.path.name + ".partial")
+            for stale in (self.path, self._partial):
+                if stale.is_file() or stale.is_symlink():
+                    stale.unlink()
+        else:
             self._file = sys.stdout if self.path is None else open(  # noqa: SIM115 - closed in close()
                 self.path, "w", encoding="utf-8", newline="" if self.format == "csv" else None)
 
@@ -149,11 +179,11 @@ class OrderedWriter:
 
     def _write(self, record: dict[str, Any], options: dict[str, Any]) -> None:
         if self.format == "jsonl":
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.write(_json_line(record))
         elif self.format == "openai-batch":
             line = openai_batch_line(record, chat=options.get("chat", True), model=options.get("model", self.model),
                                      created=self.created)
-            self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
+            self._file.write(_json_line(line))
         elif self.format == "csv":
             self._write_csv(record)
         else:
@@ -165,7 +195,7 @@ class OrderedWriter:
         if self._csv is None:
             self._csv_columns = list(record)
             self._csv = csv.DictWriter(self._file, fieldnames=self._csv_columns, extrasaction="ignore")
-            self._csv.writeheader()
+            self._csv.writerow({k: _escape(str(k)) for k in self._csv_columns})
         extra = set(record) - set(self._csv_columns) - self._dropped
         if extra:
             self._dropped |= extra
@@ -182,19 +212,19 @@ class OrderedWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = self._rows
+        rows = [{_escape(str(k)): _parquet_value(v) for k, v in row.items()} for row in self._rows]
         self._rows = []
         if self._schema is None:
-            table = pa.Table.from_pylist([{k: _parquet_value(v) for k, v in row.items()} for row in rows])
+            table = pa.Table.from_pylist(rows)
             fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]
             self._schema = pa.schema(fields)
-            self._parquet = pq.ParquetWriter(str(self.path), self._schema)
+            self._parquet = pq.ParquetWriter(str(self._partial), self._schema)
         columns = self._schema.names
         data = {}
         for name, arrow_field in zip(columns, self._schema):
-            values = [_parquet_value(row.get(name)) for row in rows]
+            values = [row.get(name) for row in rows]
             if pa.types.is_string(arrow_field.type):
-                values = [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                values = [v if v is None or isinstance(v, str) else _escape(json.dumps(v, ensure_ascii=False))
                           for v in values]
             elif pa.types.is_list(arrow_field.type):
                 values = [v if v is None or isinstance(v, list) else [v] for v in values]
@@ -208,6 +238,7 @@ class OrderedWriter:
             if self._parquet is not None:
                 self._parquet.close()
                 self._parquet = None
+                os.replace(self._partial, self.path)
             elif self.path is not None and self.written == 0 and not self.path.exists():
                 import pyarrow as pa
                 import pyarrow.parquet as pq
@@ -224,14 +255,18 @@ class OrderedWriter:
 def _cell(value: Any) -> Any:
     """A CSV cell: lists/dicts (answers when n > 1, message lists) as JSON, None as an empty cell."""
     if isinstance(value, (list, dict)):
-        return json.dumps(value, ensure_ascii=False)
-    return value
+        return _escape(json.dumps(value, ensure_ascii=False))
+    return _escape(value) if isinstance(value, str) else value
 
 
 def _parquet_value(value: Any) -> Any:
-    """Message lists (prompts of chat records) as JSON strings; other values as they are."""
+    """Message lists (prompts of chat records) as JSON strings; other values as they are (strings escaped)."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
-        return json.dumps(value, ensure_ascii=False)
+        return _escape(json.dumps(value, ensure_ascii=False))
     if isinstance(value, dict):
-        return json.dumps(value, ensure_ascii=False)
+        return _escape(json.dumps(value, ensure_ascii=False))
+    if isinstance(value, str):
+        return _escape(value)
+    if isinstance(value, list):
+        return [_escape(v) if isinstance(v, str) else v for v in value]
     return value
