@@ -12,9 +12,10 @@ so its peak RSS is its own. Workloads:
 
 Methods: ``hf`` (plain ``model.generate``, batches of 16 in input order), ``static``, ``continuous``,
 ``default`` (``SimpleGenerator(path)``, nothing named), and ``openvino`` / ``vllm`` when their venvs
-exist (``scripts/engine-env.sh``). For each: wall time of the call (after a warm-up), speed-up over
-``hf`` in the same run, peak RSS during the call (the process tree, sampled every 5 ms) and after
-loading, the fraction of this machine's fp32 matmul peak the useful work reaches (2 x parameters per
+exist (``scripts/engine-env.sh``); ``ENGINE:key=value,...`` passes engine keywords (values as JSON), e.g.
+``continuous:max_slots=32`` or ``openvino:max_num_batched_tokens=2048``. For each: wall time of the
+call (after a warm-up), speed-up over ``hf`` in the same run, peak RSS during the call (the process
+tree, sampled every 5 ms) and after loading, the fraction of this machine's fp32 matmul peak the useful work reaches (2 x parameters per
 prompt and answer token), and how many answers equal plain HF's token for token.
 
     python benchmarks/shapes.py                                   # SmolLM-135M shape, both workloads
@@ -168,7 +169,11 @@ def worker(model_dir: str, method: str, work: str, threads: int) -> dict:
     else:
         from simple_generation import SimpleGenerator
 
-        kwargs = {} if method == "default" else {"engine": method}
+        name, _, options = method.partition(":")
+        kwargs = {} if name == "default" else {"engine": name}
+        for option in filter(None, options.split(",")):   # e.g. openvino:max_num_batched_tokens=2048
+            key, value = option.split("=", 1)
+            kwargs[key] = json.loads(value)
         gen = SimpleGenerator(model_dir, device="cpu", track_emissions=False, **kwargs)
 
         def run(texts, lengths):
@@ -204,6 +209,7 @@ def matmul_peak(threads: int, size: int = 1024, repeats: int = 20) -> float:
 
 
 def python_for(method: str) -> str | None:
+    method = method.partition(":")[0]
     if method in ("openvino", "vllm"):
         venv = ROOT / f".venv-{method}" / "bin" / "python"
         return str(venv) if venv.exists() else None

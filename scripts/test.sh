@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: lint, then pytest (CUDA-only tests skip cleanly without a GPU), then each fast engine's
 # tests in its own environment when scripts/engine-env.sh made it (they pin their own transformers).
-# With arguments, only `pytest ARGS` runs.
+# With arguments, only lint and `pytest ARGS` run: `bash scripts/test.sh -m "not slow"` is the quick tier (README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

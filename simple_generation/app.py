@@ -431,7 +431,7 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
     try:
         import gradio as gr
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError('The web app needs gradio: pip install "simple-generation[app]"') from err
+        raise ImportError('The web app needs gradio: pip install -e ".[app]" in a clone of simple-generation') from err
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     lock = threading.Lock()  # one generation at a time on the model (chat turns and batch jobs)

@@ -432,7 +432,7 @@ def _check_run(args: argparse.Namespace) -> None:
                 raise UsageError(f"--output {args.output} is the store{' ' + suffix[1:] + ' file' if suffix else ''} "
                                  f"({store}); give them different paths.")
     if args.near_dedup is not None and not _have("datasketch"):
-        raise UsageError('--near-dedup needs datasketch: pip install "simple-generation[dedup]"')
+        raise UsageError('--near-dedup needs datasketch: pip install -e ".[dedup]" in a clone of simple-generation')
     if args.replicas is not None and args.ray is None:
         raise UsageError("--replicas needs --ray.")
     if args.ray is not None:
@@ -447,7 +447,7 @@ def _check_run(args: argparse.Namespace) -> None:
         if fmt not in (None, "jsonl", "parquet"):
             raise UsageError("--ray writes jsonl or parquet.")
         if not _have("ray"):
-            raise UsageError('--ray needs Ray: pip install "simple-generation[ray]"')
+            raise UsageError('--ray needs Ray: pip install -e ".[ray]" in a clone of simple-generation')
     keys = [key for key, _ in args.generation]
     duplicates = {k for k in keys if keys.count(k) > 1}
     if duplicates:
@@ -1053,7 +1053,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
             raise UsageError(f"--output {args.output} is the input file; refusing to overwrite it.")
         _check_writable(args.output, "--output")
     if not _have("datasketch"):
-        raise UsageError('dedup needs datasketch: pip install "simple-generation[dedup]"')
+        raise UsageError('dedup needs datasketch: pip install -e ".[dedup]" in a clone of simple-generation')
     from .dedup import near_duplicates
     from .io import prompt_text, read_records
 

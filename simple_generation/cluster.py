@@ -13,7 +13,7 @@ and generates only the missing records; ``ordered=True`` finally merges the part
 by index. The driver writes (not the actors) so that a local ``output`` path means the driver's disk
 even when the actors run on other nodes, and so that a retried batch can never be written twice.
 
-Needs the ``ray`` extra: ``pip install "simple-generation[ray]"``.
+Needs the ``ray`` extra: ``pip install -e ".[ray]"`` in a clone.
 """
 
 from __future__ import annotations
@@ -645,7 +645,7 @@ def generate_dataset(
     try:
         import ray
     except ImportError as err:
-        raise ImportError('generate_dataset needs Ray Data: pip install "simple-generation[ray]"') from err
+        raise ImportError('generate_dataset needs Ray Data: pip install -e ".[ray]" (in a clone)') from err
     if on_error not in ("record", "raise"):
         raise ValueError(f"on_error must be 'record' or 'raise', got {on_error!r}.")
     if replicas < 1 or batch_size < 1:

@@ -23,7 +23,7 @@ def _require_datasketch():
         import datasketch
     except ImportError:
         raise ImportError(
-            "near-duplicate removal needs datasketch: pip install \"simple-generation[dedup]\" "
+            "near-duplicate removal needs datasketch: pip install -e \".[dedup]\" in a clone of simple-generation "
             "(or pip install datasketch)."
         ) from None
     return datasketch

@@ -15,8 +15,8 @@ name is the model). Three promises, see ``docs/emissions.md``:
 * **Hardware detection once per process.** codecarbon probes the hardware (``lscpu``, py-cpuinfo's
   second Python, ``nvidia-smi``...) on the first tracked call; later calls reuse what it found.
 
-codecarbon is an optional extra (``pip install 'simple-generation[emissions]'``); without it, calls run
-untracked after one warning.
+codecarbon is an optional extra (``pip install -e '.[emissions]'`` in a clone of simple-generation); without it,
+calls run untracked after one warning.
 """
 
 from __future__ import annotations
@@ -259,7 +259,8 @@ def track_emissions(enabled: bool, output_dir: str, project_name: str) -> Iterat
         if not _warned_missing:
             _warned_missing = True
             logger.warning("codecarbon is not installed, so emissions.csv is not written: "
-                           "pip install 'simple-generation[emissions]' (or pass track_emissions=False).")
+                           "pip install -e '.[emissions]' in a clone of simple-generation "
+                           "(or pass track_emissions=False).")
         yield reading
         return
     csv_path = emissions_csv_path(output_dir)

@@ -122,6 +122,9 @@ class SimpleGenerator:
                 raise ValueError(f"engine={engine!r} cannot run here: {problem}")
             # the engine's own options (vLLM's tensor_parallel_size, the continuous engine's max_slots...)
             engine_kwargs = {k: model_kwargs.pop(k) for k in list(model_kwargs) if cls.accepts_kwarg(k)}
+        else:  # the continuous engine's options (max_slots, the cache's memory budget) reach it under auto too
+            cls = engine_class("continuous")
+            engine_kwargs = {k: model_kwargs.pop(k) for k in list(model_kwargs) if cls.accepts_kwarg(k)}
         if fast_engine_after_s is not None and (not isinstance(fast_engine_after_s, (int, float))
                                                 or isinstance(fast_engine_after_s, bool) or fast_engine_after_s < 0):
             raise ValueError(f"fast_engine_after_s must be a number of seconds >= 0 (or None), got "
@@ -215,7 +218,8 @@ class SimpleGenerator:
             self._engines[name] = cls.create(EngineContext(
                 model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
                 is_encoder_decoder=self.is_encoder_decoder, model=self.model,
-                engine_kwargs=self._engine_kwargs if name == self._requested_engine else {}))
+                engine_kwargs=self._engine_kwargs if name == self._requested_engine
+                or (self._requested_engine == "auto" and name == "continuous") else {}))
         return self._engines[name]
 
     def _identity(self, family: str) -> str:
@@ -316,7 +320,7 @@ class SimpleGenerator:
                 ``on_error``, ``dedup``, ``near_duplicates`` (see :meth:`generate`).
 
         Returns:
-            ``list[str]``; with ``num_return_sequences=k > 1``, a list of ``k`` answers per prompt.
+            ``list[str]``; with ``num_return_sequences=k > 1`` (or ``n=k``), a list of ``k`` answers per prompt.
 
         Example:
             >>> gen(["Tell me what's 2 + 2."], max_new_tokens=32, skip_prompt=True)   # doctest: +SKIP

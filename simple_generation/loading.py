@@ -263,7 +263,7 @@ def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> Pr
     except ImportError as err:
         method = quantization_method(getattr(config, "quantization_config", None))
         if "gguf_file" in kwargs:
-            hint = "GGUF files need the gguf package: pip install 'simple-generation[gguf]'."
+            hint = "GGUF files need the gguf package: pip install -e '.[gguf]' in a clone of simple-generation."
         elif method is not None:
             hint = f"This checkpoint is quantized with {method}: install that method's library."
         else:

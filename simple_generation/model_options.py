@@ -15,7 +15,7 @@ import torch
 
 logger = logging.getLogger("simple_generation")
 
-_QUANTIZATION_EXTRA = "pip install 'simple-generation[quantization]'"
+_QUANTIZATION_EXTRA = "pip install -e '.[quantization]' in a clone of simple-generation"
 
 
 # ------------------------------------------------------------------ quantization
@@ -197,7 +197,8 @@ def attach_lora(model, lora_weights: str, merge: bool, quantized: bool, **kwargs
     try:
         from peft import PeftModel
     except ImportError as err:
-        raise ImportError("lora_weights needs the peft package: pip install 'simple-generation[lora]'.") from err
+        raise ImportError("lora_weights needs the peft package: pip install -e '.[lora]' in a clone of "
+                          "simple-generation.") from err
     adapter_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder") if k in kwargs}
     try:
         peft_model = PeftModel.from_pretrained(model, str(lora_weights), **adapter_kwargs)

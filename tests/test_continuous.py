@@ -74,7 +74,7 @@ def gpt2(gpt2_path):
     return load_reference(gpt2_path)
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+@pytest.fixture(params=["llama", pytest.param("gpt2", marks=pytest.mark.slow)])  # GPT-2's cases: slow tier
 def model_and_tokenizer(request):
     return request.getfixturevalue(request.param)
 

@@ -70,7 +70,7 @@ def test_bad_threshold():
 
 def test_missing_datasketch_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasketch", None)
-    with pytest.raises(ImportError, match=r"simple-generation\[dedup\]"):
+    with pytest.raises(ImportError, match=r"pip install -e \"\.\[dedup\]\" in a clone"):
         near_duplicates(["a", "b"])
 
 

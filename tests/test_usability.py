@@ -121,3 +121,22 @@ def test_readme_installs_from_a_clone():
     install = readme.split("## Install", 1)[1].split("\n## ", 1)[0]
     assert 'pip install -e ".[' in install
     assert not re.search(r'^pip install "simple-generation', install, re.M)  # PyPI has the original project
+
+
+@pytest.mark.slow
+def test_a_forced_rebuild_keeps_the_models_identity(tmp_path):
+    """Byte-identical rebuilds are the same model to the store (its identity hashes file contents): a job
+    rerun after `--force` resumes instead of generating again."""
+    path, output = tmp_path / "tiny", tmp_path / "out.jsonl"
+    run = [sys.executable, "-m", "simple_generation.cli", "run", str(path), "--input",
+           str(REPO / "examples" / "prompts.jsonl"), "--output", str(output), "--max-new-tokens", "8",
+           "--temperature", "0", "--no-emissions"]
+    build = [sys.executable, "-m", "simple_generation.tiny", str(path)]
+    summaries = []
+    for extra in ([], ["--force"]):
+        assert subprocess.run(build + extra, capture_output=True, text=True, timeout=300).returncode == 0
+        done = subprocess.run(run, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        summaries.append(done.stdout + done.stderr)
+    assert re.search(r"\b0 from the store", summaries[0])
+    assert re.search(r"\b6 from the store", summaries[1]) and re.search(r"\b0 generated tokens", summaries[1])

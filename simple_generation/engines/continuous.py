@@ -1,19 +1,21 @@
 """The continuous engine: finished rows leave the batch at once and waiting requests take their place.
 
-A scheduler written on transformers' own ``DynamicCache`` (not on transformers' continuous batching,
-see docs/engines.md for why). The running batch is one left-padded KV cache: every row has its own
-attention-mask zeros on the left and its own position ids, so a row computes what it would compute
-alone. Each loop turn
+A scheduler written on transformers' cache classes (not on transformers' continuous batching, see
+docs/engines.md for why). The running batch is one left-padded KV cache written in place
+(:class:`~simple_generation.engines.slot_cache.SlotCache`): every row has its own attention-mask zeros
+on the left and its own position ids, so a row computes what it would compute alone. Each loop turn
 
-1. *admits* waiting requests when enough slots are free: their prompts are prefilled together (one
-   left-padded forward pass, prompts of similar length since the queue is sorted), the first token of
-   each is chosen, and their cache is left-padded to the running length and concatenated to the batch
-   on the batch dimension (a sampled request with ``num_return_sequences=n`` is prefilled once and its
-   cache row repeated ``n`` times; a greedy one runs one row and is copied ``n`` times);
+1. *admits* waiting requests when enough slots are free and the cache stays within its memory budget:
+   their prompts are prefilled together (one left-padded forward pass, prompts of similar length since
+   the queue is sorted), the first token of each is chosen, and their rows are written into free slots,
+   left-padded to the running width (a sampled request with ``num_return_sequences=n`` is prefilled
+   once and its cache row repeated ``n`` times; a greedy one runs one row and is copied ``n`` times);
 2. *decodes* one token for every running row;
-3. *retires* rows that hit an EOS id, their own ``max_new_tokens`` or a stop string: they are dropped
-   from the cache (``index_select`` on the batch dimension), the cache columns no remaining row uses
-   are trimmed off the left, and a request is yielded as soon as all its rows are done.
+3. *retires* rows that hit an EOS id, their own ``max_new_tokens`` or a stop string: the last running
+   rows take their slots, the cache columns no remaining row uses are trimmed off the left, and a
+   request is yielded as soon as all its rows are done.
+
+Everything runs under ``torch.inference_mode()``.
 
 Decoding follows ``model.generate`` row by row: argmax (greedy); the logits processors HF builds from
 the config, applied to each row with its own unpadded ids and prompt length (so repetition penalty,

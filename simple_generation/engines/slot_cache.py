@@ -160,7 +160,8 @@ class SlotCache(DynamicCache):
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for layer in self.layers for b in (layer.key_buffer, layer.value_buffer))
+        buffers = [b for layer in self.layers for b in (layer.key_buffer, layer.value_buffer)]
+        return sum(b.numel() * b.element_size() for b in buffers)
 
     def crop_to(self, width: int) -> None:
         """Undo a failed step: every layer back to ``width`` columns."""
