@@ -13,10 +13,11 @@ so its peak RSS is its own. Workloads:
 Methods: ``hf`` (plain ``model.generate``, batches of 16 in input order), ``static``, ``continuous``,
 ``default`` (``SimpleGenerator(path)``, nothing named), and ``openvino`` / ``vllm`` when their venvs
 exist (``scripts/engine-env.sh``); ``ENGINE:key=value,...`` passes engine keywords (values as JSON), e.g.
-``continuous:max_slots=32`` or ``openvino:max_num_batched_tokens=2048``. For each: wall time of the
-call (after a warm-up), speed-up over ``hf`` in the same run, peak RSS during the call (the process
-tree, sampled every 5 ms) and after loading, the fraction of this machine's fp32 matmul peak the useful work reaches (2 x parameters per
-prompt and answer token), and how many answers equal plain HF's token for token.
+``continuous:max_slots=32`` or ``openvino:max_num_batched_tokens=2048``. For each: wall time of the call
+(after a warm-up), speed-up over ``hf`` in the same run, peak RSS during the call (the process tree,
+sampled every 5 ms) and after loading, the fraction of this machine's fp32 matmul peak the useful work
+reaches (2 x parameters per prompt and answer token), and how many answers equal plain HF's token for
+token.
 
     python benchmarks/shapes.py                                   # SmolLM-135M shape, both workloads
     python benchmarks/shapes.py --models smollm-135m smollm-360m qwen2.5-0.5b gpt2 --threads 2
