@@ -48,7 +48,7 @@ ENGINE_KWARGS = frozenset({
     "ov_config",             # extra OpenVINO CPU plugin properties (dict), e.g. {"INFERENCE_NUM_THREADS": 4}
     "num_threads",           # INFERENCE_NUM_THREADS
     "max_num_seqs",          # scheduler: sequences decoded together (default 256)
-    "max_num_batched_tokens",  # scheduler: tokens per step (default 256; prompts are split across steps)
+    "max_num_batched_tokens",  # scheduler: tokens per step (default 2048: faster than 256 at 135M)
     "cache_size",            # scheduler: KV cache size in GB (0: grow as needed)
     "ov_device",             # OpenVINO device name (default "CPU")
 })
@@ -212,7 +212,7 @@ class OpenVINOEngine:
                  lora_weights: str | None = None, inference_precision: str | None = "f32",
                  kv_cache_precision: str | None = None, weight_format: str = "fp32",
                  ov_cache_dir: str | os.PathLike | None = None, ov_config: dict | None = None,
-                 num_threads: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 256,
+                 num_threads: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  cache_size: int = 0, ov_device: str = "CPU"):
         import openvino_genai
 
