@@ -104,7 +104,7 @@ class SlotLayer(DynamicLayer):
             columns = slice(self.start, self.end)
             for buffer in (self.key_buffer, self.value_buffer):
                 index = torch.tensor(movers, device=buffer.device)
-                buffer[holes, :, columns] = buffer.index_select(0, index)[:, :, columns]
+                buffer[holes, :, columns] = buffer[:, :, columns].index_select(0, index)
         self.rows = rows
         self.start += start
         self._refresh()
