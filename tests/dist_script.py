@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             record["cases"][case] = answers
             run = generator.last_run
             record["last_run"][case] = {"prompts": run.prompts, "generated_tokens": run.generated_tokens,
-                                        "batches": run.batches, "batch_size": run.batch_size,
+                                        "batches": run.batches, "forward_passes": run.forward_passes,
+                                        "batch_size": run.batch_size,
                                         "oom_retries": run.oom_retries, "energy_kwh": run.energy_kwh,
                                         "cached": run.cached, "engine": run.engine}
     except Exception as err:

@@ -175,10 +175,10 @@ def test_two_processes_return_every_answer_in_order(llama_path, single_process_a
         assert record["last_run"]["11:4"]["prompts"] == 11
         assert record["last_run"]["11:4"]["generated_tokens"] == ranks[0]["last_run"]["11:4"]["generated_tokens"]
         assert record["last_run"]["11:4"]["generated_tokens"] > 6 * MAX_NEW_TOKENS  # more than rank 0's share
-        if record["last_run"]["5:1"]["engine"] == "static":  # one batch per prompt at batch size 1
-            assert record["last_run"]["5:1"]["batches"] == 5
-        else:  # the continuous engine counts its forward passes: a prefill and the decoding steps of each
-            assert record["last_run"]["5:1"]["batches"] == 5 * MAX_NEW_TOKENS
+        # one batch per prompt at batch size 1 (static: a generate call; continuous: a prefill)
+        assert record["last_run"]["5:1"]["batches"] == 5
+        if record["last_run"]["5:1"]["engine"] == "continuous":  # its forward passes: a prefill and the steps
+            assert record["last_run"]["5:1"]["forward_passes"] == 5 * MAX_NEW_TOKENS
         # batch_size="auto" searches per process: rank 1 backed off (its 6-7 prompts: 7 -> 3 -> 1) while rank 0
         # kept its whole share in one batch; every rank reports the whole run's retries and the smallest size
         assert record["last_run"]["13:auto:oom"]["oom_retries"] >= 2
