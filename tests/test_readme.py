@@ -55,7 +55,7 @@ SKIP_BLOCKS = [
     ("simple-generation chat MODEL", "installs gradio from the network and serves forever (tests/test_app.py)"),
     ("--ray --replicas 2", "Ray cluster runs (tests/test_cluster.py)"),
     ("from simple_generation.cluster import generate_dataset", "Ray cluster runs (tests/test_cluster.py)"),
-    ("benchmarks/throughput.py", "benchmarks: minutes to hours, and the fast engines' venvs"),
+    ("benchmarks/shapes.py", "benchmarks: minutes to hours, and the fast engines' venvs"),
     ("bash .ci/run", "runs the test suite itself"),
 ]
 # Single lines of run blocks that are not run: (piece, why).
