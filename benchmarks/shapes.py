@@ -194,19 +194,13 @@ def worker(model_dir: str, method: str, work: str, threads: int) -> dict:
             "engine": engine, "params": params, "prompt_tokens": prompt_tokens, "new_tokens": sum(budgets)}
 
 
-def matmul_peak(threads: int, size: int = 1024, repeats: int = 20) -> float:
-    """fp32 FLOP/s of a square matmul on ``threads`` threads (the best of a few runs)."""
+def matmul_peak(threads: int) -> float:
+    """fp32 FLOP/s of a square matmul on ``threads`` threads (see throughput.py)."""
     import torch
+    from throughput import matmul_peak as peak
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 * repeats / best
+    return peak()
 
 
 def python_for(method: str) -> str | None:
