@@ -113,18 +113,16 @@ class SimpleGenerator:
         self.distribution = current_distribution()
         self.model_name_or_path = str(model_name_or_path)
         runtime_engine = False  # an engine with its own runtime: no HF model to load
-        engine_kwargs: dict[str, Any] = {}
         if engine != "auto":
             cls = engine_class(engine)
             runtime_engine = not cls.needs_hf_model
             problem = cls.available()
             if problem is not None:
                 raise ValueError(f"engine={engine!r} cannot run here: {problem}")
-            # the engine's own options (vLLM's tensor_parallel_size, the continuous engine's max_slots...)
-            engine_kwargs = {k: model_kwargs.pop(k) for k in list(model_kwargs) if cls.accepts_kwarg(k)}
-        else:  # the continuous engine's options (max_slots, the cache's memory budget) reach it under auto too
-            cls = engine_class("continuous")
-            engine_kwargs = {k: model_kwargs.pop(k) for k in list(model_kwargs) if cls.accepts_kwarg(k)}
+        # the engine's own options (vLLM's tensor_parallel_size, the continuous engine's max_slots...); under
+        # auto, the continuous engine's (max_slots, the cache's memory budget)
+        options = engine_class(engine if engine != "auto" else "continuous")
+        engine_kwargs = {k: model_kwargs.pop(k) for k in list(model_kwargs) if options.accepts_kwarg(k)}
         if fast_engine_after_s is not None and (not isinstance(fast_engine_after_s, (int, float))
                                                 or isinstance(fast_engine_after_s, bool) or fast_engine_after_s < 0):
             raise ValueError(f"fast_engine_after_s must be a number of seconds >= 0 (or None), got "

@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 from typing import Any
@@ -66,6 +65,18 @@ class PeakMemory:
             self.cuda_mb = sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**20
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def available_bytes(device: Any) -> int:
     """Memory a new allocation can take on ``device``: free CUDA memory, or the machine's available RAM."""
     import torch
@@ -74,12 +85,12 @@ def available_bytes(device: Any) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        import psutil
+    available = available_memory_bytes()
+    if available is not None:
+        return available
+    import psutil  # where /proc/meminfo is missing (psutil comes with accelerate)
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # psutil comes with accelerate; this is a last resort
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return int(psutil.virtual_memory().available)
 
 
 def kv_bytes_per_token(config: Any, element_size: int) -> int:

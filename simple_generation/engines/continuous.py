@@ -127,6 +127,11 @@ class _Row:
         return self.task.request.max_new_tokens
 
     @property
+    def remaining(self) -> int:
+        """New tokens this row may still produce."""
+        return self.budget - len(self.tokens)
+
+    @property
     def plain_greedy(self) -> bool:
         return not self.sampled and self.processors is None
 
@@ -325,9 +330,8 @@ class _Scheduler:
         self.admitted = 0
         self.admitting: list[Request] = []
         # the KV cache's budget, and its bytes per token (from the config; measured at the first prefill)
-        model = engine.model
-        element = next(model.parameters()).element_size() if any(True for _ in model.parameters()) else 4
-        self.token_bytes = kv_bytes_per_token(config, element)
+        parameter = next(engine.model.parameters(), None)
+        self.token_bytes = kv_bytes_per_token(config, parameter.element_size() if parameter is not None else 4)
         self.budget = engine.kv_cache_memory_bytes or int(engine.kv_cache_memory_fraction
                                                           * available_bytes(self.device))
 
@@ -378,7 +382,7 @@ class _Scheduler:
         plus room for the longest answer still to come."""
         rows = len(self.rows) + sum(self._rows_needed(r) for r in extra)
         width = max([self.mask.shape[1] if self.rows else 0] + [len(r.token_ids) for r in extra])
-        room = max([row.budget - len(row.tokens) for row in self.rows] + [r.max_new_tokens for r in extra])
+        room = max([row.remaining for row in self.rows] + [r.max_new_tokens for r in extra])
         return rows * (width + room) * self.token_bytes
 
     def _fits(self, extra: Sequence[Request]) -> bool:
@@ -492,10 +496,12 @@ class _Scheduler:
         if not SlotCache.supports(cache):
             raise RuntimeError(f"{type(self.engine.model).__name__}'s cache layers are not plain key/value layers: "
                                "use engine='static'")
-        self.token_bytes = sum(layer.keys[0, :, :1].numel() * layer.keys.element_size()
-                               + layer.values[0, :, :1].numel() * layer.values.element_size() for layer in cache.layers)
+        if self.cache is None:  # the exact size, once: the config's estimate served until the first prefill
+            self.token_bytes = sum(layer.keys[0, :, :1].numel() * layer.keys.element_size()
+                                   + layer.values[0, :, :1].numel() * layer.values.element_size()
+                                   for layer in cache.layers)
         running = self.rows + list(rows)
-        room = max(row.budget - len(row.tokens) for row in running)
+        room = max(row.remaining for row in running)
         width = max(mask.shape[1], self.mask.shape[1] if self.rows else 0)
         # buffers for the rows that may run soon, within the budget (they are zeroed, so they take memory)
         slots = min(self.max_slots, len(running) + sum(self._rows_needed(r) for r in self.waiting),

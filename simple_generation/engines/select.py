@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ..memory import available_memory_bytes
 from . import engine_class
 
 logger = logging.getLogger("simple_generation")
@@ -118,18 +119,6 @@ def vllm_cpu_compile_pays(hf_s: float, estimate: FastEngineEstimate) -> bool:
     must be at least :data:`REQUIRED_GAIN` times the compile's."""
     eager_s = hf_s / estimate.speedup
     return eager_s * (1 - 1 / VLLM_CPU_COMPILED_GAIN) >= REQUIRED_GAIN * VLLM_CPU_COMPILE_S
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where unknown)."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def installed_fast_engines(estimates: list[FastEngineEstimate]) -> tuple[list[FastEngineEstimate], list[str]]:
