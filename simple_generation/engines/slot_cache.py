@@ -30,16 +30,14 @@ class SlotLayer(DynamicLayer):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: int, room: int):
         super().__init__()
-        rows, heads, width, _ = keys.shape
-        self.key_buffer = keys.new_zeros((max(slots, rows), heads, width + room, keys.shape[-1]))
-        self.value_buffer = values.new_zeros((max(slots, rows), heads, width + room, values.shape[-1]))
-        self.key_buffer[:rows, :, :width].copy_(keys)
-        self.value_buffer[:rows, :, :width].copy_(values)
+        rows, _, width, _ = keys.shape
+        self.key_buffer, self.value_buffer = keys, values
         self.rows, self.start, self.end = rows, 0, width
         self.room = room
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self._refresh()
+        self.reallocate(max(slots, rows), 0, room)
 
     def _refresh(self) -> None:
         self.keys = self.key_buffer[:self.rows, :, self.start:self.end]
@@ -53,13 +51,12 @@ class SlotLayer(DynamicLayer):
     def reallocate(self, slots: int, left: int, right: int) -> None:
         """New buffers holding the running view with ``left``/``right`` free columns around it."""
         width = self.end - self.start
-        keys = self.key_buffer.new_zeros((slots, self.key_buffer.shape[1], left + width + right,
-                                          self.key_buffer.shape[3]))
-        values = self.value_buffer.new_zeros((slots, self.value_buffer.shape[1], left + width + right,
-                                              self.value_buffer.shape[3]))
-        keys[:self.rows, :, left:left + width].copy_(self.keys)
-        values[:self.rows, :, left:left + width].copy_(self.values)
-        self.key_buffer, self.value_buffer = keys, values
+        buffers = []
+        for old, view in ((self.key_buffer, self.keys), (self.value_buffer, self.values)):
+            new = old.new_zeros((slots, old.shape[1], left + width + right, old.shape[3]))
+            new[:self.rows, :, left:left + width].copy_(view)
+            buffers.append(new)
+        self.key_buffer, self.value_buffer = buffers
         self.start, self.end = left, left + width
         self._refresh()
 
@@ -67,8 +64,8 @@ class SlotLayer(DynamicLayer):
         new = key_states.shape[-2]
         if self.end + new > self.key_buffer.shape[2]:
             self.reallocate(self.key_buffer.shape[0], 0, max(new, self.room, 16))
-        self.key_buffer[:self.rows, :, self.end:self.end + new].copy_(key_states)
-        self.value_buffer[:self.rows, :, self.end:self.end + new].copy_(value_states)
+        for buffer, states in ((self.key_buffer, key_states), (self.value_buffer, value_states)):
+            buffer[:self.rows, :, self.end:self.end + new].copy_(states)
         self.end += new
         self._refresh()
         return self.keys, self.values
@@ -88,13 +85,12 @@ class SlotLayer(DynamicLayer):
             self.start -= left   # the new columns on the left are the old rows' padding (zeroed)
         elif total > current:
             self.start -= total - current
-            self.key_buffer[:self.rows, :, self.start:self.start + total - current].zero_()
-            self.value_buffer[:self.rows, :, self.start:self.start + total - current].zero_()
+            for buffer in (self.key_buffer, self.value_buffer):
+                buffer[:self.rows, :, self.start:self.start + total - current].zero_()
         rows = slice(self.rows, self.rows + count)
-        self.key_buffer[rows, :, self.start:self.end - width].zero_()
-        self.value_buffer[rows, :, self.start:self.end - width].zero_()
-        self.key_buffer[rows, :, self.end - width:self.end].copy_(keys.to(self.key_buffer.device))
-        self.value_buffer[rows, :, self.end - width:self.end].copy_(values.to(self.value_buffer.device))
+        for buffer, new in ((self.key_buffer, keys), (self.value_buffer, values)):
+            buffer[rows, :, self.start:self.end - width].zero_()
+            buffer[rows, :, self.end - width:self.end].copy_(new.to(buffer.device))
         self.rows += count
         self._refresh()
 
