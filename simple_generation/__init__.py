@@ -14,14 +14,16 @@ from .logs import setup_library_logger
 __version__ = "1.0.0"
 
 _EXPORTS = {
-    "BatchGenerationError": ".scheduling",
+    "BatchGenerationError": ".errors",
+    "CompletionOutput": ".results",
     "DefaultGenerationConfig": ".config",
-    "DistributedGenerationError": ".distributed",
-    "GenerationInterrupted": ".scheduling",
+    "DistributedGenerationError": ".errors",
+    "GenerationInterrupted": ".errors",
     "GenerationResult": ".results",
-    "ModelLoadError": ".loading",
+    "ModelLoadError": ".errors",
     "ResultStore": ".store",
     "RunSummary": ".results",
+    "SamplingParams": ".sampling_params",
     "SimpleGenerator": ".generator",
     "available_system_prompts": ".templates",
     "render_conversation": ".templates",
@@ -45,11 +47,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .config import DefaultGenerationConfig  # noqa: F401
-    from .distributed import DistributedGenerationError  # noqa: F401
+    from .errors import (  # noqa: F401
+        BatchGenerationError,
+        DistributedGenerationError,
+        GenerationInterrupted,
+        ModelLoadError,
+    )
     from .generator import SimpleGenerator  # noqa: F401
-    from .loading import ModelLoadError  # noqa: F401
-    from .results import GenerationResult, RunSummary  # noqa: F401
-    from .scheduling import BatchGenerationError, GenerationInterrupted  # noqa: F401
+    from .results import CompletionOutput, GenerationResult, RunSummary  # noqa: F401
+    from .sampling_params import SamplingParams  # noqa: F401
     from .store import ResultStore  # noqa: F401
     from .templates import available_system_prompts, render_conversation  # noqa: F401
 

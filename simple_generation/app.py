@@ -21,7 +21,7 @@ Example:
     >>> serve(SimpleGenerator("/tmp/tiny-llama"))                               # doctest: +SKIP
 """
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import BATCH_DEFAULTS
+from .io.formats import usual_suffixes
 
 logger = logging.getLogger("simple_generation")
 
-INPUT_SUFFIXES = (".txt", ".jsonl", ".csv")
+INPUT_SUFFIXES = usual_suffixes(("txt", "jsonl", "csv"))  # (".txt", ".jsonl", ".csv"): what the batch tab takes
 PREVIEW_ROWS = 200
 MAX_SESSIONS = 10_000
 UPDATE_INTERVAL_S = 0.1
@@ -161,14 +162,18 @@ def stream_reply(gen, request: str | list[dict], settings: dict[str, Any], stop_
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     criterion = _StopOnEvent(stop_event)
-    stopper = type("StopOnEvent", (StoppingCriteria,), {"__call__": lambda self, ids, scores, **kw:
-                                                         criterion(ids, scores, **kw)})()
+
+    class Stopper(StoppingCriteria):  # transformers wants a StoppingCriteria: one that asks the criterion
+        def __call__(self, input_ids, scores, **kwargs):
+            return criterion(input_ids, scores, **kwargs)
+
+    stopper = Stopper()
     streamer = TextIteratorStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.05)
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            with lock if lock is not None else _nullcontext():
+            with lock if lock is not None else contextlib.nullcontext():
                 started = time.perf_counter()
                 answers = gen([request], skip_prompt=True, show_progress_bar=False, batch_size=1, streamer=streamer,
                               stopping_criteria=StoppingCriteriaList([stopper]), **settings)
@@ -214,14 +219,6 @@ def stream_reply(gen, request: str | list[dict], settings: dict[str, Any], stop_
     else:
         finish = "stop"
     yield ChatUpdate(outcome["answer"].strip(), tokens, done=True, finish=finish, seconds=outcome.get("seconds", 0.0))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------------------------- batch logic
@@ -276,11 +273,9 @@ def default_cache_dir() -> Path:
 
 def batch_store_path(data: bytes, suffix: str, settings: BatchSettings, cache_dir: Path) -> Path:
     """One store per (file content, parameters): the same upload after a reload or a restart finds it again."""
-    digest = hashlib.sha256()
-    digest.update(data)
-    digest.update(suffix.encode())
-    digest.update(settings.key().encode())
-    return Path(cache_dir) / f"batch-{digest.hexdigest()[:24]}.sqlite"
+    from .jobs import store_path
+
+    return Path(store_path(cache_dir=cache_dir, content=data, key=suffix + settings.key()))
 
 
 def _read_input(path: Path) -> list[Any]:
@@ -288,18 +283,6 @@ def _read_input(path: Path) -> list[Any]:
     from .io import read_records
 
     return list(read_records(path))
-
-
-def _results(gen, records: list[Any], settings: BatchSettings, store: Path) -> Iterator[Any]:
-    """Results in completion order (``gen.stream``), with the records' own parameters, through the store."""
-    params = [r.params or None for r in records]
-    yield from gen.stream([r.prompt for r in records], params=params if any(params) else None, store=str(store),
-                          on_error="record", skip_prompt=settings.skip_prompt, show_progress_bar=False,
-                          **settings.generation())
-
-
-def _get(result: Any, name: str, default: Any = None) -> Any:
-    return result.get(name, default) if isinstance(result, dict) else getattr(result, name, default)
 
 
 def run_batch(gen, upload: str | Path, settings: BatchSettings, cache_dir: str | Path,
@@ -329,33 +312,37 @@ def run_batch(gen, upload: str | Path, settings: BatchSettings, cache_dir: str |
         raise
 
 
+class _KeepingWriter:
+    """An ordered writer that also keeps every record (the page previews them)."""
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+        self.rows: dict[int, dict[str, Any]] = {}
+
+    def add(self, index: int, record: dict[str, Any], **options: Any) -> None:
+        self.rows[index] = record
+        self.writer.add(index, record, **options)
+
+
 def _run_into(gen, upload: Path, records: list[Any], settings: BatchSettings, store: Path, out_dir: Path,
               on_progress: Callable[[BatchProgress], None] | None, lock: Any) -> tuple[Path, list[dict[str, Any]]]:
-    from .io import OrderedWriter, output_record
+    """The job (:func:`simple_generation.jobs.run_job`) over the records, into ``out_dir``."""
+    from .io import OrderedWriter
+    from .jobs import JobOptions, JobProgress, ListSource, run_job
 
     extension = "csv" if settings.output_format == "csv" else "jsonl"
     output = out_dir / f"{upload.stem}.answers.{extension}"
-    by_index = {r.index: r for r in records}
-    rows: dict[int, dict[str, Any]] = {}
-    progress = BatchProgress(0, len(records), 0, 0.0)
-    started = time.perf_counter()
-    with lock if lock is not None else _nullcontext(), OrderedWriter(output, extension) as writer:
-        if on_progress:
-            on_progress(progress)
-        for result in _results(gen, records, settings, store):
-            index = _get(result, "index")
-            record = output_record(by_index[index], result)
-            rows[index] = record
-            writer.add(index, record)
-            progress.done += 1
-            if _get(result, "cached"):
-                progress.cached += 1
-            else:
-                progress.tokens += _get(result, "completion_tokens") or 0
-            progress.seconds = time.perf_counter() - started
-            if on_progress:
-                on_progress(progress)
-    return output, [rows[i] for i in sorted(rows)]
+
+    def progress(p: JobProgress) -> None:
+        on_progress(BatchProgress(p.done, p.total or len(records), p.tokens, p.seconds, p.cached))
+
+    options = JobOptions(store=str(store), on_error="record", skip_prompt=settings.skip_prompt,
+                         output_format=extension, generation=settings.generation(), show_progress=False,
+                         total=len(records), on_progress=progress if on_progress else None)
+    with lock if lock is not None else contextlib.nullcontext(), OrderedWriter(output, extension) as writer:
+        keeping = _KeepingWriter(writer)
+        run_job(gen, ListSource(records), keeping, options)
+    return output, [keeping.rows[i] for i in sorted(keeping.rows)]
 
 
 # -------------------------------------------------------------------------------------------------- about

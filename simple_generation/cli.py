@@ -12,20 +12,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import io
 import json
 import logging
 import os
-import shutil
 import signal
-import stat
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from .defaults import BATCH_DEFAULTS
+from .errors import Terminated as _Terminated
+from .errors import UsageError
 
 SUBCOMMANDS = ("run", "dedup", "chat")
 EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
@@ -38,10 +35,6 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "float64", "fp32", "fp16", "
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 logger = logging.getLogger("simple_generation")
-
-
-class UsageError(Exception):
-    """A wrong argument: one line on stderr, exit code 2, nothing loaded."""
 
 
 # ---------------------------------------------------------------------------------------------- argument types
@@ -326,16 +319,6 @@ def _is_sqlite(path: str | Path) -> bool:
         return False
 
 
-def _is_regular_target(path: str | Path) -> bool:
-    """A path where a regular file is or can be (not /dev/null, a FIFO, a socket...)."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-
-
 def _check_writable(path: str, what: str) -> None:
     target = Path(path)
     if target.is_dir():
@@ -436,16 +419,13 @@ def _check_run(args: argparse.Namespace) -> None:
     if args.replicas is not None and args.ray is None:
         raise UsageError("--replicas needs --ray.")
     if args.ray is not None:
-        if not args.input or args.input == "-" or not args.output:
-            raise UsageError("--ray needs --input FILE and --output FILE.")
-        unsupported = [flag for flag, value in (("--prompt", args.prompt), ("--limit", args.limit),
-                                               ("--near-dedup", args.near_dedup), ("--store", args.store),
-                                               ("--dry-run", args.dry_run)) if value]
-        if unsupported:
-            raise UsageError(f"--ray does not support {', '.join(unsupported)} (the Ray job keeps its own parts "
-                             "and resumes from them).")
-        if fmt not in (None, "jsonl", "parquet"):
-            raise UsageError("--ray writes jsonl or parquet.")
+        if _ray_reads_input(args):  # a folder or URI: Ray Data reads it, the job goes to cluster.generate_dataset
+            if not args.output:
+                raise UsageError("--ray with a folder or URI --input needs --output FILE.")
+            unsupported = [flag for flag, value in (("--prompt", args.prompt), ("--dry-run", args.dry_run)) if value]
+            if unsupported:
+                raise UsageError(f"--ray with a folder or URI --input does not support {', '.join(unsupported)} "
+                                 "(give a file).")
         if not _have("ray"):
             raise UsageError('--ray needs Ray: pip install -e ".[ray]" in a clone of simple-generation')
     keys = [key for key, _ in args.generation]
@@ -457,11 +437,16 @@ def _check_run(args: argparse.Namespace) -> None:
     _check_model_options(args)
 
 
+def _ray_reads_input(args: argparse.Namespace) -> bool:
+    """Whether --input is one only Ray reads (a folder, a glob, s3://...) rather than a file read here."""
+    return bool(args.input) and args.input != "-" and not Path(args.input).expanduser().is_file()
+
+
 def _check_generation_keys(keys: list[str]) -> None:
     """Unknown --generation keys fail here, before any model loads, with the name meant when one is close."""
-    from .io.records import GENERATE_CALL_ARGS, GENERATION_CONFIG_FIELDS, PARAM_ALIASES, PARAM_KEYS
+    from .sampling_params import ALIASES, FIELD_NAMES, GENERATE_CALL_ARGS, GENERATION_CONFIG_FIELDS
 
-    known = GENERATION_CONFIG_FIELDS | GENERATE_CALL_ARGS | PARAM_KEYS | set(PARAM_ALIASES) | {"seed"}
+    known = GENERATION_CONFIG_FIELDS | GENERATE_CALL_ARGS | set(FIELD_NAMES) | set(ALIASES)
     unknown = [key for key in keys if key not in known]
     if unknown:  # maybe a field of a newer transformers (or a bookkeeping one): ask it, only then
         from transformers import GenerationConfig
@@ -477,16 +462,16 @@ def _check_generation_keys(keys: list[str]) -> None:
 
 
 def _check_generation_values(values: dict[str, Any]) -> None:
-    """The ranges of --generation values we know (the library checks the rest when it builds the config)."""
-    from .io.records import PARAM_ALIASES, PARAM_KINDS, InputError, validate_param
+    """--generation values, checked as the library checks a call's (SamplingParams: types, ranges, one name
+    per setting); the values of other GenerationConfig fields are checked when the config is built."""
+    from .sampling_params import SamplingParams
 
-    for key, value in values.items():
-        name = PARAM_ALIASES.get(key, key)
-        if name in PARAM_KINDS:
-            try:
-                validate_param(name, value, f"--generation {key}")
-            except InputError as err:
-                raise UsageError(str(err)) from None
+    try:
+        for key, value in values.items():
+            SamplingParams.from_dict({key: value}, f"--generation {key}")
+        SamplingParams.from_dict(values, "--generation")  # two names of one setting
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _have(module: str) -> bool:
@@ -527,170 +512,23 @@ def _generator_kwargs(args: argparse.Namespace, *, torch_dtype: bool = True) -> 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The run's generation keywords: the options, --generation, then BATCH_DEFAULTS for what neither set."""
+    from .sampling_params import ALIASES
+
     values = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "top_k": args.top_k, "num_beams": args.num_beams, "num_return_sequences": args.num_return_sequences}
     generation = {k: v for k, v in values.items() if v is not None}
+    flags = set(generation)
     for key, value in args.generation:
-        if key in generation:
-            raise UsageError(f"--generation {key} repeats --{key.replace('_', '-')}.")
+        name = ALIASES.get(key, key)
+        if name in flags:
+            raise UsageError(f"--generation {key} repeats --{name.replace('_', '-')}.")
         generation[key] = value
-    if not {"max_new_tokens", "max_tokens", "max_completion_tokens"} & set(generation):
+    given = {ALIASES.get(key, key) for key in generation}
+    if "max_new_tokens" not in given:
         generation["max_new_tokens"] = BATCH_DEFAULTS.max_new_tokens
-    if not {"temperature", "do_sample"} & set(generation):
+    if not {"temperature", "do_sample"} & given:
         generation["temperature"] = BATCH_DEFAULTS.temperature
     return generation
-
-
-class _PositionalReader(io.RawIOBase):
-    """Reads a file descriptor from the start with its own position (several readers never share one)."""
-
-    def __init__(self, fd: int):
-        self._fd, self._position = fd, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if hasattr(os, "pread"):
-            data = os.pread(self._fd, len(buffer), self._position)
-        else:  # Windows: readers run one after the other, so seeking first is enough
-            os.lseek(self._fd, self._position, os.SEEK_SET)
-            data = os.read(self._fd, len(buffer))
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
-
-
-class _Spool:
-    """stdin copied to an anonymous temporary file (it is read twice: validation, then generation). The file
-    never has a name on POSIX (and is deleted on close on Windows): nothing of the input stays in the temp
-    folder after any exit, SIGTERM and kill -9 included."""
-
-    def __init__(self, stream):
-        self._file = tempfile.TemporaryFile(prefix="simple-generation-stdin-")
-        try:
-            shutil.copyfileobj(stream, self._file)
-            self._file.flush()
-        except BaseException:
-            self._file.close()
-            raise
-
-    def open(self):
-        return io.BufferedReader(_PositionalReader(self._file.fileno()))
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _Input:
-    """The records of a run: the --prompt texts first, then the --input file; readable several times.
-
-    ``scan`` validates everything once; afterwards ``problems`` maps the index of each record whose prompt
-    cannot be generated from (a lone surrogate) to (its source, the reason).
-    """
-
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.spooled = _Spool(sys.stdin.buffer) if args.input == "-" else None
-        self.problems: dict[int, tuple[str, str]] = {}
-
-    def records(self, on_invalid=None):
-        from .io import InputRecord, read_records
-
-        args = self.args
-        limit = args.limit
-        for position, text in enumerate(args.prompt):
-            if limit is not None and position >= limit:
-                return
-            yield InputRecord(index=position, prompt=text, source=f"--prompt {position + 1}")
-        if not args.input:
-            return
-        offset = len(args.prompt)
-        remaining = None if limit is None else max(0, limit - offset)
-        if remaining == 0:
-            return
-        stdin = self.spooled.open() if self.spooled else None
-        try:
-            for record in read_records(args.input, input_format=args.input_format, prompt_field=args.prompt_field,
-                                       messages_field=args.messages_field, limit=remaining, on_invalid=on_invalid,
-                                       stdin=stdin):
-                record.index += offset
-                yield record
-        finally:
-            if stdin is not None:
-                stdin.close()
-
-    def scan(self, visit=None):
-        from .io.readers import ScanReport, UniqueCustomIds, record_digest
-        from .io.records import prompt_problem
-
-        report = ScanReport(path=self.args.input or "--prompt", format="")
-
-        def invalid(err):
-            report.error_count += 1
-            if len(report.errors) < 20:
-                report.errors.append(str(err))
-
-        seen: set[bytes] = set()
-        custom_ids = UniqueCustomIds()
-        self.problems = {}
-        try:
-            for record in self.records(on_invalid=invalid):
-                repeated = custom_ids.check(record)
-                if repeated is not None:
-                    invalid(repeated)
-                    continue
-                report.records += 1
-                report.chat += not isinstance(record.prompt, str)
-                digest = record_digest(record)
-                report.duplicates += digest in seen
-                seen.add(digest)
-                report.with_params.update(record.params.keys())
-                problem = prompt_problem(record.prompt)
-                if problem is not None:
-                    self.problems[record.index] = (record.source, problem)
-                if visit is not None:
-                    visit(record)
-        except Exception as err:  # noqa: BLE001 - a whole-file error (InputError, unreadable file...)
-            invalid(err)
-        return report
-
-    def close(self) -> None:
-        if self.spooled:
-            self.spooled.close()
-
-
-def _near_duplicates(source: _Input, threshold: float) -> dict[int, int]:
-    from .dedup import near_duplicates
-    from .io import prompt_text
-
-    indices: list[int] = []
-
-    def texts():
-        for record in source.records():
-            indices.append(record.index)
-            yield prompt_text(record.prompt)
-
-    found = near_duplicates(texts(), threshold)
-    return {indices[removed]: indices[kept] for removed, kept in found.items()}
-
-
-def _store_path(args: argparse.Namespace) -> str | None:
-    """--store, else ``<output>.sqlite`` when the output is (or will be) a regular file: none beside
-    /dev/null, a FIFO or another device (a benchmark writing to /dev/null must not time a cache)."""
-    if args.no_store:
-        return None
-    if args.store:
-        return args.store
-    if args.output and _is_regular_target(args.output):
-        return f"{args.output}.sqlite"
-    return None
-
-
-def _writer_options(record) -> dict[str, Any]:
-    if record.openai is None:
-        return {}
-    return {"chat": record.openai.chat, "model": record.openai.model}
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -699,11 +537,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.quiet)
     generation = _generation_kwargs(args)
     _check_generation_combination(generation)
-    if args.ray is not None and not Path(args.input).expanduser().is_file():
+    if args.ray is not None and _ray_reads_input(args):
         return _run_ray(args, generation)  # a folder or URI only Ray reads: its records are checked one by one
-    source = _Input(args)
-    try:
-        report = source.scan()
+    from .jobs import InputSource, dry_run, scan_source
+
+    with InputSource(args.prompt, args.input, input_format=args.input_format, prompt_field=args.prompt_field,
+                     messages_field=args.messages_field, limit=args.limit) as source:
+        report, problems = scan_source(source)
         if report.error_count:
             for line in report.errors:
                 print(f"simple-generation: error: {line}", file=sys.stderr)
@@ -711,12 +551,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             if more > 0:
                 print(f"simple-generation: ... and {more} more invalid record(s).", file=sys.stderr)
             return EXIT_USAGE
-        if args.ray is not None:  # the input was validated as for the local path: the same errors, before Ray
-            return _run_ray(args, generation)
         if args.dry_run:
-            return _dry_run(args, source, report)
-        if source.problems:
-            _report_problems(source.problems, args.on_error)
+            result = dry_run(source, report, problems, model=args.model, tokenizer=args.tokenizer,
+                             revision=args.revision, trust_remote_code=args.trust_remote_code,
+                             near_dedup=args.near_dedup, store=_store_path(args), output=args.output)
+            for line in result.lines:
+                print(line)
+            return EXIT_USAGE if result.store_error or (problems and args.on_error == "raise") else 0
+        if problems:
+            _report_problems(problems, args.on_error)
             if args.on_error == "raise":
                 return EXIT_USAGE
         if report.records == 0:
@@ -728,20 +571,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
         store = _open_store(args)  # checked before the output is touched and before the model loads
         try:
-            near = _near_duplicates(source, args.near_dedup) if args.near_dedup is not None else {}
-            return _generate(args, source, report.records, near, generation, store)
+            return _generate(args, source, report.records, generation, store)
         finally:
             if store is not None:
                 store.close()
-    finally:
-        source.close()
+
+
+def _store_path(args: argparse.Namespace) -> str | None:
+    """The run's store path: --store, else ``<output>.sqlite`` beside a regular-file output (see
+    :func:`simple_generation.jobs.store_path`)."""
+    from .jobs import store_path
+
+    return store_path(store=args.store, output=args.output, no_store=args.no_store)
 
 
 def _check_generation_combination(generation: dict[str, Any]) -> None:
     """-n k under greedy decoding can only fail (after the model loads): say so now."""
-    n = generation.get("num_return_sequences") or generation.get("n") or 1
-    sampled = (generation.get("temperature") or 0) > 0 or generation.get("do_sample") is True
-    if n > 1 and not sampled and (generation.get("num_beams") or 1) < n:
+    from .sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams.from_dict(generation, "call")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    n = params.num_return_sequences or 1
+    if n > 1 and not params.sampled and (params.num_beams or 1) < n:
         raise UsageError(f"-n {n} needs sampling (e.g. --temperature 0.7) or --num-beams >= {n}: greedy decoding "
                          "gives one answer per prompt.")
 
@@ -756,231 +609,86 @@ def _report_problems(problems: dict[int, tuple[str, str]], on_error: str) -> Non
           + (f" ({more} more not listed)" if more > 0 else "") + tail + ".", file=sys.stderr)
 
 
-def _open_store(args: argparse.Namespace, *, create: bool = True):
+def _open_store(args: argparse.Namespace):
     """The run's store, opened and checked (SQLite integrity, ours, schema version), or None."""
-    path = _store_path(args)
-    if path is None:
-        if args.output and not args.no_store and not _is_regular_target(args.output):
-            logger.info("No store: --output %s is not a regular file (a rerun starts over; --store PATH keeps one).",
-                        args.output)
-        return None
-    if not create and not Path(path).exists():
-        return None
-    from .store import ResultStore, StoreError
+    from .jobs import is_regular_target, open_store
+    from .store import StoreError
 
+    path = _store_path(args)
+    if path is None and args.output and not args.no_store and not is_regular_target(args.output):
+        logger.info("No store: --output %s is not a regular file (a rerun starts over; --store PATH keeps one).",
+                    args.output)
     try:
-        return ResultStore(path, check_integrity=True)
+        return open_store(path)
     except StoreError as err:
         raise UsageError(str(err)) from None
 
 
-def _dry_run(args: argparse.Namespace, source: _Input, report) -> int:
-    out = sys.stdout
-    print(f"input: {args.input or '--prompt'} ({report.records} records"
-          f"{f', {report.chat} chat' if report.chat else ''})", file=out)
-    print(f"exact duplicates (same prompt and parameters): {report.duplicates}", file=out)
-    if report.with_params:
-        print("per-record parameters: " + ", ".join(f"{k} ({v})" for k, v in sorted(report.with_params.items())),
-              file=out)
-    if source.problems:
-        print(f"prompts that cannot be generated from: {len(source.problems)}", file=out)
-        for where, problem in list(source.problems.values())[:20]:
-            print(f"  {where}: {problem}", file=out)
-    lengths = _token_lengths(args, source)
-    if lengths is not None:
-        print(lengths, file=out)
-    if args.near_dedup is not None:
-        near = _near_duplicates(source, args.near_dedup)
-        print(f"near-duplicates at {args.near_dedup}: {len(near)}", file=out)
-    store_path = _store_path(args)
-    try:
-        store = _open_store(args, create=False)
-    except UsageError as err:
-        print(f"store: {err}", file=out)
-        return EXIT_USAGE
-    if store is not None:
-        with store:
-            print(f"store: {store_path} holds {store.count()} finished answer(s) (a rerun reuses those whose model, "
-                  "prompt and parameters match)", file=out)
-    elif store_path:
-        print(f"store: {store_path} (new)", file=out)
-    else:
-        print("store: none (a rerun starts over)", file=out)
-    print(f"output: {args.output or 'stdout'}", file=out)
-    return EXIT_USAGE if source.problems and args.on_error == "raise" else 0
-
-
-def _token_lengths(args: argparse.Namespace, source: _Input) -> str | None:
-    """Token counts of the prompts (before any template), when the tokenizer loads quickly (no model)."""
-    try:
-        from transformers import AutoConfig, AutoTokenizer
-
-        options = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
-        options = {k: v for k, v in options.items() if v}
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **options)
-        try:
-            config = AutoConfig.from_pretrained(args.model, **options)
-            context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        except Exception:  # noqa: BLE001 - the context length is a bonus
-            context = None
-    except Exception as err:  # noqa: BLE001
-        return f"token lengths: not computed (tokenizer not loadable: {str(err).splitlines()[0][:120]})"
-    from .io import prompt_text
-    from .pipeline import PROBE_CHARS_PER_TOKEN, probe_too_long
-
-    lengths: list[int] = []
-    batch: list[str] = []
-    at_least = 0
-
-    def flush():
-        if batch:
-            lengths.extend(len(ids) for ids in tokenizer(batch, add_special_tokens=True)["input_ids"])
-            batch.clear()
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=True)["input_ids"]
-
-    for record in source.records():
-        if record.index in source.problems:
-            continue
-        text = prompt_text(record.prompt)
-        if context and len(text) > context * PROBE_CHARS_PER_TOKEN:
-            probed = probe_too_long(encode, text, context)
-            if probed is not None:  # far too long: counted from a prefix only
-                lengths.append(len(probed))
-                at_least += 1
-                continue
-        batch.append(text)
-        if len(batch) >= 1000:
-            flush()
-    flush()
-    if not lengths:
-        return None
-    lengths.sort()
-    line = (f"prompt tokens (before any template): min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
-            f"max {lengths[-1]}{'+' if at_least else ''}, total {sum(lengths)}{'+' if at_least else ''}")
-    if context:
-        over = sum(1 for n in lengths if n > context)
-        line += f"; {over} longer than the model's context of {context}"
-        if at_least:
-            line += f" ({at_least} far longer, counted only up to {2 * context} tokens)"
-    return line
-
-
-class _NoWriter:
-    written = 0
-
-    def add(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _plain_prompts(generator):
-    """Within the block, the generator feeds string prompts as they are (no chat template): OpenAI
-    ``/v1/completions`` requests are plain text completions whatever --chat-template/--system-prompt say."""
-    formatter = getattr(generator, "formatter", None)
-    if formatter is None or (formatter.template is None and not formatter.apply_chat_template):
-        yield
-        return
-    from .formatting import PromptFormatter
-
-    generator.formatter = PromptFormatter(generator.tokenizer)
-    try:
-        yield
-    finally:
-        generator.formatter = formatter
-
-
-def _groups(records: list, fmt: str | None, skip_prompt: bool) -> dict[tuple[bool, bool], list]:
-    """Records by (skip_prompt, plain): OpenAI Batch output lines hold the continuation only, and
-    /v1/completions requests get no chat template (OpenAI's shapes, whatever the options say)."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for record in records:
-        plain = record.openai is not None and not record.openai.chat and isinstance(record.prompt, str)
-        groups.setdefault((skip_prompt or fmt == "openai-batch", plain), []).append(record)
-    return groups
-
-
-def _generate(args: argparse.Namespace, source: _Input, total: int, near: dict[int, int],
-              generation: dict[str, Any], store) -> int:
-    import inspect
-
+def _generate(args: argparse.Namespace, source, total: int, generation: dict[str, Any], store) -> int:
+    """Load the model (here, or on Ray actors with --ray), then run the job."""
     from .generator import SimpleGenerator
-    from .io import OrderedWriter, output_record, windows
-    from .io.writers import output_format_for
 
     if args.quiet:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    generator = SimpleGenerator(args.model, **_generator_kwargs(args))
-    distribution = getattr(generator, "distribution", None)
-    is_main = getattr(distribution, "is_main", True)
+    with contextlib.ExitStack() as stack:
+        if args.ray is not None:  # the same job, its generation on Ray actors (the store, the writer stay here)
+            from .cluster import RayGenerator
+
+            stack.callback(_exit_on_late_interrupt)
+            generator = stack.enter_context(RayGenerator(
+                args.model, replicas=args.replicas or 1, gpus_per_replica=args.gpus_per_replica or 0,
+                address=None if args.ray == "local" else args.ray, show_progress=not args.quiet,
+                chunk_size=args.batch_size if isinstance(args.batch_size, int) else None,
+                **_generator_kwargs(args, torch_dtype=False)))
+        else:
+            generator = SimpleGenerator(args.model, **_generator_kwargs(args))
+        return _run(args, generator, source, total, generation, store)
+
+
+def _run(args: argparse.Namespace, generator, source, total: int, generation: dict[str, Any], store) -> int:
+    from .io import OrderedWriter
+    from .io.writers import output_format_for
+    from .jobs import JobOptions, run_job
+
+    is_main = getattr(getattr(generator, "distribution", None), "is_main", True)
     fmt = output_format_for(args.output, args.output_format)
     if fmt == "openai-batch" and not args.skip_prompt:
         logger.warning("--no-skip-prompt: OpenAI Batch output holds the continuation only (OpenAI's shape).")
-    call: dict[str, Any] = dict(store=store, on_error=args.on_error, batch_size=args.batch_size,
-                                show_progress_bar=not args.quiet, truncate_prompts=args.truncate_prompts, **generation)
+    call = dict(generation)
     if args.seed is not None:
         call["seed"] = args.seed
     if args.starting_batch_size is not None:
-        if "starting_batch_size" not in inspect.signature(generator.stream).parameters:
-            raise UsageError("--starting-batch-size is not supported by this version's generator.")
         call["starting_batch_size"] = args.starting_batch_size
     if store is not None:
         logger.info("Store: %s (finished answers are kept there; rerun the same command to resume).", store.path)
+    options = JobOptions(store=store, window_size=args.window_size, near_dedup=args.near_dedup,
+                         on_error=args.on_error, skip_prompt=args.skip_prompt, output_format=fmt, generation=call,
+                         batch_size=args.batch_size, truncate_prompts=args.truncate_prompts,
+                         show_progress=not args.quiet, total=total)
     # the output is opened (an older one truncated) only now: every check passed and the model loaded
-    writer = OrderedWriter(args.output, args.output_format, model=args.model) if is_main else _NoWriter()
-    failures: list[tuple[int, str, str]] = []
-    totals = {"tokens": 0, "cached": 0, "deduplicated": 0, "time": 0.0}
-    started = time.perf_counter()
+    writer = OrderedWriter(args.output, args.output_format, model=args.model) if is_main else None
     try:
-        for window in windows(source.records(), args.window_size):
-            todo = []
-            for record in window:
-                if record.index in near:
-                    writer.add(record.index, output_record(record, duplicate_of=near[record.index]),
-                               **_writer_options(record))
-                elif record.index in source.problems:
-                    message = source.problems[record.index][1]
-                    failures.append((record.index, record.source, message))
-                    writer.add(record.index, output_record(record, {"error": message}), **_writer_options(record))
-                else:
-                    todo.append(record)
-            for (skip_prompt, plain), group in _groups(todo, fmt, args.skip_prompt).items():
-                params = [record.params or None for record in group]
-                with _plain_prompts(generator) if plain else contextlib.nullcontext():
-                    for result in _stream(generator, [record.prompt for record in group],
-                                          params if any(params) else None, {**call, "skip_prompt": skip_prompt}):
-                        record = group[result["index"] if isinstance(result, dict) else result.index]
-                        out = output_record(record, result)
-                        if out["error"] is not None:
-                            failures.append((record.index, record.source, str(out["error"])))
-                        writer.add(record.index, out, **_writer_options(record))
-                run = generator.last_run
-                totals["tokens"] += getattr(run, "generated_tokens", 0) or 0
-                totals["cached"] += getattr(run, "cached", 0) or 0
-                totals["deduplicated"] += getattr(run, "deduplicated", 0) or 0
+        summary = run_job(generator, source, writer, options)
     except KeyboardInterrupt:
-        writer.close()
-        print(f"\nsimple-generation: interrupted; {writer.written} of {total} records written"
+        if writer is not None:
+            writer.close()
+        print(f"\nsimple-generation: interrupted; {writer.written if writer else 0} of {total} records written"
               + (f", finished answers are in {store.path}: rerun the same command to resume." if store else "."),
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     if not is_main:
         return 0
-    elapsed = time.perf_counter() - started
     logger.info("%d records -> %s: %d generated tokens in %.1fs (%.1f tokens/s); %d from the store, "
                 "%d exact duplicates, %d near-duplicates, %d failed.", total, args.output or "stdout",
-                totals["tokens"], elapsed, totals["tokens"] / elapsed if elapsed > 0 else 0.0, totals["cached"],
-                totals["deduplicated"], len(near), len(failures))
-    if failures:
-        _report_failures(failures, len(failures), "; a rerun retries only those" if store else "")
+                summary.generated_tokens, summary.wall_time_s, summary.tokens_per_second, summary.cached,
+                summary.deduplicated, summary.near_duplicates, summary.failed)
+    if summary.failures:
+        _report_failures(summary.failures, summary.failed, "; a rerun retries only those" if store else "")
         return EXIT_FAILED
     return 0
 
@@ -994,20 +702,8 @@ def _report_failures(failures: list[tuple[int, str, str]], count: int, note: str
         print(f"  ... and {count - 20} more", file=sys.stderr)
 
 
-def _stream(generator, prompts: list, params: list | None, call: dict[str, Any]):
-    """``generator.stream``; with an older generator (no ``stream``), its ``__call__`` (no store, no params)."""
-    if hasattr(generator, "stream"):
-        yield from generator.stream(prompts, params=params, **call)
-        return
-    if params is not None:
-        raise UsageError("per-record parameters need a generator with stream().")
-    call = {k: v for k, v in call.items() if k not in ("store", "on_error")}
-    for index, answer in enumerate(generator(prompts, **call)):
-        texts = answer if isinstance(answer, list) else [answer]
-        yield {"index": index, "text": texts[0], "texts": texts, "error": None}
-
-
 def _run_ray(args: argparse.Namespace, generation: dict[str, Any]) -> int:
+    """A folder, glob or URI only Ray reads: the job (the same run_job, the same store) is generate_dataset's."""
     from .cluster import generate_dataset
 
     options: dict[str, Any] = dict(generation)
@@ -1024,6 +720,7 @@ def _run_ray(args: argparse.Namespace, generation: dict[str, Any]) -> int:
             prompt_field=args.prompt_field, messages_field=args.messages_field, on_error=args.on_error,
             model_kwargs=_generator_kwargs(args, torch_dtype=False), track_emissions=not args.no_emissions,
             emissions_dir=args.emissions_dir, show_progress=not args.quiet,
+            store=False if args.no_store else args.store, limit=args.limit, near_dedup=args.near_dedup,
             **({"batch_size": args.batch_size} if isinstance(args.batch_size, int) else {}), **options,
         )
     finally:
@@ -1095,11 +792,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an interruption so that the output, the store and the stdin copy are closed
-    as after Ctrl-C (exit code 143)."""
-
-
 _TERMINATED: list[bool] = []  # set by the SIGTERM handler (the interruption may be caught and returned as 130)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .scheduling import BatchGenerationError
+from .errors import DistributedGenerationError
 
 logger = logging.getLogger("simple_generation")
 
@@ -44,20 +44,6 @@ class ShardedRun:
 
     results: dict[int, Any]
     stats: list[dict[str, Any]] = field(default_factory=list)
-
-
-class DistributedGenerationError(BatchGenerationError):
-    """Generation failed on one or more processes; raised on **every** process.
-
-    ``failed_ranks`` maps each failing rank to its error (``"Type: message"``). As for
-    :class:`BatchGenerationError`, ``partial`` holds every answer finished anywhere and ``indices`` the
-    prompts of the batches that failed.
-    """
-
-    def __init__(self, message: str, indices: Sequence[int], partial: dict[int, object],
-                 failed_ranks: dict[int, str]):
-        super().__init__(message, indices, partial)
-        self.failed_ranks = dict(failed_ranks)
 
 
 def balanced_shards(order: Sequence[int], lengths: Sequence[int], world_size: int) -> list[list[int]]:

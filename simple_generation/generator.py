@@ -18,8 +18,9 @@ from .conversation import Conversation
 from .distributed import current_distribution
 from .emissions import track_emissions as emissions_tracker
 from .engines import EngineContext
-from .engines.fast import FastChoice, FastEngines
-from .engines.select import JobSize, choose_engine
+from .engines.fast import FastEngines
+from .engines.router import EngineRouter, family_of, requested_class, split_engine_kwargs
+from .errors import BatchFailed
 from .formatting import PromptFormatter, validate_inputs
 from .identity import model_identity
 from .loading import LoadOptions, context_length, load_config, load_for_generation, load_tokenizer
@@ -36,7 +37,8 @@ from .pipeline import (
 )
 from .postprocess import PostProcessor
 from .results import GenerationResult, RunSummary
-from .scheduling import BatchFailed, resolve_batch_size
+from .sampling_params import value_of
+from .scheduling import resolve_batch_size
 from .store import ResultStore
 from .templates import Template, get_template
 
@@ -100,36 +102,22 @@ class SimpleGenerator:
         fast_engine_after_s: float | None = None,
         **model_kwargs: Any,
     ):
-        from .engines import engine_class
-
         if "system_prompts" in model_kwargs:  # the original README's spelling
             if system_prompt is not None:
                 raise ValueError("Pass either `system_prompt` or `system_prompts`, not both.")
             system_prompt = model_kwargs.pop("system_prompts")
         if isinstance(system_prompt, str):
             system_prompt = get_template(system_prompt)  # an unknown name fails before the model loads
-        if not isinstance(engine, str):
-            raise TypeError(f"engine must be a name such as 'auto', got {engine!r}.")
+        cls = requested_class(engine)  # None for "auto"; an unknown or uninstalled engine fails here
         self.distribution = current_distribution()
         self.model_name_or_path = str(model_name_or_path)
-        runtime_engine = False  # an engine with its own runtime: no HF model to load
-        if engine != "auto":
-            cls = engine_class(engine)
-            runtime_engine = not cls.needs_hf_model
-            problem = cls.available()
-            if problem is not None:
-                raise ValueError(f"engine={engine!r} cannot run here: {problem}")
-        # the engine's own options (vLLM's tensor_parallel_size, the continuous engine's max_slots...); under
-        # auto, the continuous engine's (max_slots, the cache's memory budget)
-        options = engine_class(engine if engine != "auto" else "continuous")
-        engine_kwargs = {k: model_kwargs.pop(k) for k in list(model_kwargs) if options.accepts_kwarg(k)}
+        runtime_engine = cls is not None and not cls.needs_hf_model  # its own runtime: no HF model to load
+        # the engine's own options (vLLM's tensor_parallel_size, the continuous engine's max_slots...)
+        engine_kwargs = split_engine_kwargs(engine, model_kwargs)
         if fast_engine_after_s is not None and (not isinstance(fast_engine_after_s, (int, float))
                                                 or isinstance(fast_engine_after_s, bool) or fast_engine_after_s < 0):
             raise ValueError(f"fast_engine_after_s must be a number of seconds >= 0 (or None), got "
                              f"{fast_engine_after_s!r}.")
-        self._requested_engine = engine
-        self._engine_kwargs = engine_kwargs
-        self._fast = None  # the fast engines "auto" may move calls to (engines/fast.py)
         if runtime_engine:
             config = load_config(model_name_or_path, **model_kwargs)
             self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
@@ -147,8 +135,7 @@ class SimpleGenerator:
                 model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=config,
                 is_encoder_decoder=self.is_encoder_decoder, model=None, model_kwargs=dict(model_kwargs),
                 engine_kwargs=engine_kwargs, lora_weights=lora_weights, device=str(device) if device else None))
-            self._engine_order, self.engine_reason = [engine], "requested"
-            self._engines = {engine: self.engine}
+            self.router = EngineRouter.for_engine(self.engine)
             dtype = model_kwargs.get("dtype", model_kwargs.get("torch_dtype"))
             quantization = None
             logger.info("Loaded %s with the %s engine.", model_name_or_path, engine)
@@ -157,7 +144,8 @@ class SimpleGenerator:
                 model_name_or_path,
                 tokenizer_name_or_path=tokenizer_name_or_path,
                 device=self.distribution.load_device(device, "device_map" in model_kwargs),
-                options=LoadOptions(lora_weights, merge_lora, compile_model, use_bettertransformer),
+                options=LoadOptions(lora_weights, merge_lora, compile_model, use_bettertransformer,
+                                    own_keywords=_own_keywords()),
                 **model_kwargs,
             )
             self.model = loaded.model
@@ -170,24 +158,27 @@ class SimpleGenerator:
             model_generation_config = self.model.generation_config
             dtype = self.model.dtype
             quantization = loaded.quantization
-            self._engine_order, self.engine_reason = choose_engine(engine, self.is_encoder_decoder)
-            self._engines = {}
-            self.engine = self._engine(self._engine_order[-1])  # static: always there to fall back on
+            fast = None  # the fast engines "auto" may move calls to (engines/fast.py)
             if engine == "auto":
-                self._fast = FastEngines.for_model(
+                fast = FastEngines.for_model(
                     self.model, placement=loaded.placement, quantization=loaded.quantization, compiled=loaded.compiled,
                     world_size=self.distribution.world_size, is_encoder_decoder=self.is_encoder_decoder,
                     model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, model_kwargs=model_kwargs,
                     lora_weights=lora_weights, after_s=fast_engine_after_s)
+            self.router = EngineRouter.for_model(engine, EngineContext(
+                model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
+                is_encoder_decoder=self.is_encoder_decoder, model=self.model), engine_kwargs=engine_kwargs, fast=fast)
+            self.engine = self.router.default  # static: always there to fall back on
             logger.info(
                 "Loaded %s: %s, dtype %s, on %s (%s); LoRA: %s; quantization: %s; compiled: %s; attention: %s; "
                 "engine: %s (%s).",
                 model_name_or_path, type(self.model).__name__, self.model.dtype, loaded.placement,
                 loaded.placement_reason, loaded.lora or "none", loaded.quantization or "none",
                 "yes (static KV cache)" if loaded.compiled else "no", loaded.attention or "default",
-                self._engine_order[0], self.engine_reason,
+                self.router.preferred, self.router.reason,
             )
-        self.engine_name = self._engine_order[0]
+        self.engine_name = self.router.preferred
+        self.engine_reason = self.router.reason
         self.formatter = PromptFormatter(
             self.tokenizer, template=system_prompt, system_message=system_message,
             apply_chat_template=apply_chat_template, add_generation_prompt=add_generation_prompt,
@@ -203,64 +194,30 @@ class SimpleGenerator:
                                               self.config, lora_weights, dtype, quantization,
                                               model_kwargs=model_kwargs)
         self._identities: dict[str, str] = {}
-        self.model_identity = self._identity(_family(self.engine))
+        self.model_identity = self._identity(family_of(self.engine))
         self.last_run = RunSummary()
 
     # ------------------------------------------------------------------ engines
-    def _engine(self, name: str):
-        """The HF engine ``name`` over the loaded model (built once)."""
-        if name not in self._engines:
-            from .engines import engine_class
-
-            cls = engine_class(name)
-            self._engines[name] = cls.create(EngineContext(
-                model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
-                is_encoder_decoder=self.is_encoder_decoder, model=self.model,
-                engine_kwargs=self._engine_kwargs if name == self._requested_engine
-                or (self._requested_engine == "auto" and name == "continuous") else {}))
-        return self._engines[name]
-
     def _identity(self, family: str) -> str:
         """The model identity in store keys for answers of this engine family ("hf", "vllm", "openvino")."""
         if family not in self._identities:  # once per family (files are hashed once, then cached)
             self._identities[family] = self._identity_of(family=family)
         return self._identities[family]
 
-    def _choose_engine(self, distinct: list, job: JobSize):
-        """(engine, why, model identity) for a call: see :mod:`simple_generation.engines.select`."""
-        if not job.requests:
-            return self.engine, self.engine_reason, self._identity(_family(self.engine))
-        engine, why = self._engine_for(distinct)
-        if self._fast is not None and engine.needs_hf_model:
-            fast, why_fast = self._fast.choose(distinct, job)
-            if fast is not None:
-                logger.info("Engine: auto: %s", why_fast)
-                return fast, f"auto: {why_fast}", self._identity(fast.name)
-            if why_fast:
-                why = f"{why}; {why_fast}"
-        return engine, why, self._identity(_family(engine))
-
-    def _engine_for(self, distinct: Sequence):
-        """The first engine of the preference order that supports every parameter set of the call."""
-        reasons = []
-        for name in self._engine_order:
-            engine = self._engine(name)
-            problems = [p for p in (engine.unsupported(params) for params in distinct) if p]
-            if not problems:
-                why = self.engine_reason if not reasons else f"{reasons[-1]}; fell back to {name}"
-                if reasons:
-                    logger.info("Engine: %s", why)
-                return engine, why
-            reasons.append(f"{name} does not support this call ({problems[0]})")
-        raise ValueError("No engine supports this call: " + "; ".join(reasons))
-
     # ------------------------------------------------------------------ inputs
     def _formatter_for_call(self, generation_kwargs: dict[str, Any]) -> PromptFormatter:
         """The constructor's formatter, or one with this call's ``apply_chat_template``/``add_generation_prompt``.
 
         The original API took both at call time; ``num_workers`` (its DataLoader workers) has no use here.
+        ``plain_prompts=True``: string prompts are fed as they are (no named template, no chat template), as
+        OpenAI ``/v1/completions`` requests are.
         """
         generation_kwargs.pop("num_workers", None)
+        if generation_kwargs.pop("plain_prompts", False):
+            current = self.formatter
+            if current.template is None and not current.apply_chat_template:
+                return current
+            return PromptFormatter(self.tokenizer)
         options = {k: generation_kwargs.pop(k) for k in ("apply_chat_template", "add_generation_prompt")
                    if k in generation_kwargs}
         if not options:
@@ -369,9 +326,11 @@ class SimpleGenerator:
         Everything is checked before any generation starts (bad prompts, parameters, lengths).
 
         Args:
-            params: one dict (or None) per prompt with that prompt's own ``max_new_tokens``
-                (``max_tokens``), ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``, ``seed``,
-                ``n``, ``do_sample``, ``repetition_penalty``; they override the call's keywords.
+            params: one dict or :class:`~simple_generation.sampling_params.SamplingParams` (or None) per
+                prompt with that prompt's own ``max_new_tokens`` (``max_tokens``, ``max_completion_tokens``),
+                ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop`` (``stop_strings``), ``seed``,
+                ``n`` (``num_return_sequences``), ``do_sample``, ``repetition_penalty``; they override the
+                call's keywords.
             store: a SQLite file (path or :class:`ResultStore`): each answer is committed as it
                 finishes; answers already there for the same model, prompt and parameters are
                 returned (``cached=True``) instead of generated again.
@@ -383,6 +342,8 @@ class SimpleGenerator:
             near_duplicates: a MinHash Jaccard threshold (e.g. 0.9): prompts at least that similar to
                 an earlier one are not generated; their result says ``duplicate_of``.
             seed (keyword): sampled answers depend only on (prompt, parameters, seed).
+            plain_prompts (keyword): ``True`` feeds string prompts as they are, without the named template or
+                the chat template (OpenAI ``/v1/completions`` requests).
             The other arguments are those of ``__call__``.
         """
         formatter = self._formatter_for_call(generation_kwargs)
@@ -392,33 +353,20 @@ class SimpleGenerator:
         builder = ParamsBuilder(self._model_generation_config, self.defaults, self.tokenizer.pad_token_id,
                                 self.tokenizer, formatter.stop_strings, formatter.stop_token_ids,
                                 self._forward_params)
-        def make_plan():
-            return plan_call(
+        try:
+            plan = plan_call(
                 inputs, formatter=formatter, builder=builder, generation_kwargs=generation_kwargs, params=params,
                 start_empty=self._start_empty_prompts, context_length=self.context_length,
                 is_encoder_decoder=self.is_encoder_decoder, truncate=truncate_prompts, on_error=on_error,
-                dedup=dedup, near_duplicates=near_duplicates, store=store_obj, choose_engine=self._choose_engine,
-                skip_prompt=skip_prompt,
+                dedup=dedup, near_duplicates=near_duplicates, store=store_obj, router=self.router,
+                model_identity=self._identity, skip_prompt=skip_prompt,
                 postprocessor=PostProcessor(self.tokenizer, self.is_encoder_decoder, formatter.stop_token_ids),
             )
-
-        try:
-            plan = make_plan()
-            while isinstance(plan.engine, FastChoice):  # a fast engine chosen, not started yet
-                choice = plan.engine
-                if not plan.to_generate():
-                    plan.engine = self.engine
-                    plan.engine_reason += f" (every answer was stored: {choice.name} not started)"
-                elif (started := self._fast.start(choice)) is not None:
-                    plan.engine = started
-                else:  # it could not start: choose again, since the store keys name the engine family
-                    plan = make_plan()
             requests = plan.to_generate()
             engine, why = plan.engine, plan.engine_reason
             on_cpu = self.model is None or str(getattr(self.model, "device", "cpu")).startswith("cpu")
             size, auto = resolve_batch_size(batch_size, starting_batch_size, max(1, len(requests)), on_cpu)
-            if hasattr(engine, "configure"):
-                engine.configure(size, auto, sort_prompts_by_length)
+            engine.configure(size, auto, sort_prompts_by_length)
         except BaseException:
             if own_store and store_obj is not None:
                 store_obj.close()
@@ -585,7 +533,7 @@ class SimpleGenerator:
         last turn is capped by the call itself (as any prompt). None: no cap needed."""
         if self.context_length is None or "params" in kwargs:
             return [None] * len(requests)
-        wanted = kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.defaults.max_new_tokens))
+        wanted = value_of(kwargs, "max_new_tokens", self.defaults.max_new_tokens)
         if not isinstance(wanted, int) or isinstance(wanted, bool):
             return [None] * len(requests)
         formatter = self._formatter_for_call(dict(kwargs))
@@ -641,6 +589,6 @@ def _generation_config_of(model_name_or_path, config, model_kwargs):
         return GenerationConfig.from_model_config(config)
 
 
-def _family(engine) -> str:
-    """The engine family in store keys: the HF engines share answers (both exact), runtimes do not."""
-    return "hf" if engine.needs_hf_model else engine.name
+def _own_keywords() -> tuple[str, ...]:
+    """SimpleGenerator's keywords, offered as spellings when ``from_pretrained`` refuses an unknown one."""
+    return tuple(p for p in inspect.signature(SimpleGenerator.__init__).parameters if p not in ("self", "model_kwargs"))

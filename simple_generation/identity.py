@@ -187,15 +187,3 @@ def model_identity(model_name_or_path, tokenizer_name_or_path, config, lora_weig
                        commit=getattr(config, "_commit_hash", None))
     identity.update(dtype=str(dtype), quantization=quantization, engine=family)
     return json.dumps(identity, sort_keys=True)
-
-
-def hub_commit(model: str, revision: str | None = None, **kwargs: Any) -> str | None:
-    """The commit a hub id resolves to (from the local hub cache when offline); None for a folder or on failure."""
-    if os.path.exists(model):
-        return None
-    try:
-        from transformers import AutoConfig
-
-        return getattr(AutoConfig.from_pretrained(model, revision=revision, **kwargs), "_commit_hash", None)
-    except Exception:  # noqa: BLE001 - no config to resolve: the id and revision are all we know
-        return None

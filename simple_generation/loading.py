@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .errors import ModelLoadError
 from .model_options import (
     Placement,
     accelerator_memory,
@@ -40,10 +42,6 @@ _CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_l
 
 
 _TOKENIZER_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
-
-
-class ModelLoadError(OSError):
-    """The model or tokenizer could not be found or loaded."""
 
 
 @dataclass
@@ -173,6 +171,8 @@ class LoadOptions:
     merge_lora: bool = True
     compile_model: bool = False
     use_bettertransformer: bool = False
+    # the caller's own keywords (SimpleGenerator's), offered as spellings when a keyword is unknown
+    own_keywords: tuple[str, ...] = ()
 
 
 def load_for_generation(
@@ -219,7 +219,7 @@ def load_for_generation(
         index = target.index if target.index is not None else torch.cuda.current_device()
         model_kwargs["device_map"] = {"": f"cuda:{index}"}  # straight onto the GPU (what quantized loads need)
 
-    model = load_model(model_name_or_path, config, **model_kwargs)
+    model = load_model(model_name_or_path, config, own_keywords=options.own_keywords, **model_kwargs)
     if target is not None and "device_map" not in model_kwargs:
         model.to(target)
     lora = None
@@ -249,7 +249,8 @@ def check_adapter_path(lora_weights: str) -> None:
                              "(owner/name).")
 
 
-def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel:
+def load_model(name_or_path: str, config: PretrainedConfig, own_keywords: Sequence[str] = (),
+               **kwargs: Any) -> PreTrainedModel:
     model_cls = model_class_for(config)
     try:
         model = model_cls.from_pretrained(str(name_or_path), **kwargs)
@@ -257,7 +258,7 @@ def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> Pr
         match = re.search(r"unexpected keyword argument '([^']+)'", str(err))
         if match is None or match.group(1) not in kwargs:
             raise
-        raise TypeError(_unknown_keyword_message(match.group(1))) from err
+        raise TypeError(_unknown_keyword_message(match.group(1), own_keywords)) from err
     except OSError as err:
         raise ModelLoadError(f"Could not load {model_cls.__name__} weights from {name_or_path!r}: {err}") from err
     except ImportError as err:
@@ -273,21 +274,19 @@ def load_model(name_or_path: str, config: PretrainedConfig, **kwargs: Any) -> Pr
     return model
 
 
-def _unknown_keyword_message(name: str) -> str:
-    """Name a keyword neither SimpleGenerator nor from_pretrained knows, with close spellings."""
+def _unknown_keyword_message(name: str, ours: Sequence[str] = ()) -> str:
+    """Name a keyword neither SimpleGenerator (``ours``: its keywords) nor from_pretrained knows, with close
+    spellings."""
     import difflib
     import inspect
 
     from transformers import PreTrainedModel
 
-    from .generator import SimpleGenerator
-
-    ours = [p for p in inspect.signature(SimpleGenerator.__init__).parameters if p not in ("self", "model_kwargs")]
     theirs = [p for p in inspect.signature(PreTrainedModel.from_pretrained).parameters
               if p not in ("cls", "args", "kwargs", "model_args")]
     extra = ["dtype", "torch_dtype", "device_map", "trust_remote_code", "revision", "attn_implementation",
              "quantization_config", "load_in_8bit", "load_in_4bit", "gguf_file", "max_memory", "low_cpu_mem_usage"]
-    close = difflib.get_close_matches(name, sorted(set(ours + theirs + extra)), n=3)
+    close = difflib.get_close_matches(name, sorted(set(ours) | set(theirs) | set(extra)), n=3)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return (f"Unknown keyword argument {name!r}: neither SimpleGenerator nor the model's from_pretrained accepts it."
             f"{hint}")

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .errors import ModelLoadError
+
 logger = logging.getLogger("simple_generation")
 
 _QUANTIZATION_EXTRA = "pip install -e '.[quantization]' in a clone of simple-generation"
@@ -203,8 +205,6 @@ def attach_lora(model, lora_weights: str, merge: bool, quantized: bool, **kwargs
     try:
         peft_model = PeftModel.from_pretrained(model, str(lora_weights), **adapter_kwargs)
     except (OSError, ValueError) as err:
-        from .loading import ModelLoadError
-
         raise ModelLoadError(f"Could not load the LoRA adapter {lora_weights!r}: pass a folder saved with peft's "
                              f"save_pretrained (adapter_config.json + weights) or its hub id. ({err})") from err
     peft_model.eval()

@@ -1,57 +1,28 @@
-"""Generation parameters: the call's keywords and each prompt's own, resolved into :class:`GenerationParams`.
+"""Generation parameters resolved into :class:`GenerationParams`: the call's keywords and each prompt's own.
 
-Precedence, lowest to highest: the model's ``generation_config``, :class:`DefaultGenerationConfig`,
-the call's keywords, the prompt's own ``params``. Per-prompt keys (and their OpenAI/vLLM aliases):
-``max_new_tokens`` (``max_tokens``), ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``
-(``stop_strings``), ``seed``, ``n`` (``num_return_sequences``), ``do_sample``, ``repetition_penalty``.
+Both arrive as :class:`~simple_generation.sampling_params.SamplingParams` (one alias table, one validation;
+see that module). Precedence, lowest to highest: the model's ``generation_config``,
+:class:`DefaultGenerationConfig`, the call's keywords, the prompt's own ``params``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from transformers import GenerationConfig
 
 from .config import DefaultGenerationConfig, build_generation_config, split_generation_kwargs
-from .io.records import normalize_stop
 from .requests import GenerationParams, token_id_list
+from .sampling_params import SamplingParams
 
-PER_PROMPT_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop_strings", "seed",
-                   "num_return_sequences", "do_sample", "repetition_penalty")
-ALIASES = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "stop": "stop_strings"}
 # Config entries that never change an answer (bookkeeping), left out of fingerprints.
 _NOT_ANSWER_RELEVANT = {"transformers_version", "_from_model_config", "_commit_hash", "return_dict_in_generate",
                         "output_scores", "output_logits", "output_attentions", "output_hidden_states",
                         "compile_config", "disable_compile", "cache_implementation", "cache_config",
                         "return_legacy_cache", "use_cache"}
-
-
-def normalize_overrides(values: Mapping[str, Any], where: str, allowed: tuple[str, ...] | None = None
-                        ) -> dict[str, Any]:
-    """Apply aliases and check keys/types; ``allowed`` restricts the keys (per-prompt params)."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        name = ALIASES.get(key, key)
-        if name in out:
-            raise ValueError(f"{where}: both {key!r} and its alias give {name!r}; pass one.")
-        if allowed is not None and name not in allowed:
-            names = sorted(set(allowed) | set(ALIASES))
-            raise ValueError(f"{where}: unknown parameter {key!r}; per-prompt parameters are {', '.join(names)}.")
-        out[name] = value
-    if "stop_strings" in out:
-        stops = normalize_stop(out["stop_strings"], where)
-        if stops is None:
-            del out["stop_strings"]
-        else:
-            out["stop_strings"] = stops
-    seed = out.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"{where}: `seed` must be an integer, got {seed!r}.")
-    if out.get("temperature") == 0 and "do_sample" not in out:
-        out["do_sample"] = False
-    return out
 
 
 def _canonical(value: Any) -> Any:
@@ -82,7 +53,7 @@ class ParamsBuilder:
 
     Example:
         >>> builder = ParamsBuilder(model.generation_config, DefaultGenerationConfig(), 0, tokenizer)  # doctest: +SKIP
-        >>> params = builder.build({"max_new_tokens": 8, "temperature": 0})                           # doctest: +SKIP
+        >>> per_prompt = builder.for_prompts({"max_new_tokens": 8}, [None, {"temperature": 0.9}], 2)  # doctest: +SKIP
     """
 
     def __init__(self, model_config: GenerationConfig | None, defaults: DefaultGenerationConfig,
@@ -96,22 +67,46 @@ class ParamsBuilder:
         self.template_stop_ids = list(template_stop_ids or [])
         self.forward_params = forward_params
         self._cache: dict[str, GenerationParams] = {}
+        SamplingParams.from_dict(defaults.to_dict(), "generation_defaults")  # its values in range, as a call's
 
-    def split_call(self, generation_kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The call's keywords as (config overrides incl. ``seed``, extra ``generate`` arguments)."""
-        kwargs = dict(generation_kwargs)
-        seed = kwargs.pop("seed", None)
-        for alias, name in ALIASES.items():  # `n`, `max_tokens`, `stop` work for the call as for one prompt
-            if alias in kwargs:
-                if name in kwargs:
-                    raise ValueError(f"Pass either `{alias}` or `{name}`, not both.")
-                kwargs[name] = kwargs.pop(alias)
-        config_kwargs, call_kwargs = split_generation_kwargs(kwargs, self.forward_params)
-        overrides = normalize_overrides({**config_kwargs, **({"seed": seed} if seed is not None else {})}, "call")
-        return overrides, call_kwargs
+    def split_call(self, generation_kwargs: Mapping[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
+        """The call's keywords as (its parameters, extra ``generate`` arguments); a keyword that neither
+        ``GenerationConfig``, ``generate`` nor the model's ``forward`` takes is a ``TypeError``."""
+        params = SamplingParams.from_dict(generation_kwargs, "call")
+        config_kwargs, call_kwargs = split_generation_kwargs(dict(params.extra), self.forward_params)
+        return replace(params, extra=config_kwargs), call_kwargs
 
-    def build(self, overrides: dict[str, Any], call_kwargs: Mapping[str, Any] | None = None) -> GenerationParams:
+    def for_prompts(self, generation_kwargs: Mapping[str, Any],
+                    params: Sequence[Mapping[str, Any] | SamplingParams | None] | None, n: int
+                    ) -> list[GenerationParams]:
+        """One :class:`GenerationParams` per prompt: the call's keywords, with each prompt's own ``params``
+        (a dict, a :class:`SamplingParams` or None) on top. Errors name ``params[i]``."""
+        if params is not None:
+            if isinstance(params, (Mapping, SamplingParams)) or not isinstance(params, Sequence) or len(params) != n:
+                raise ValueError(f"params must be a list with one dict (or None) per prompt: {n} prompts, got "
+                                 f"{len(params) if isinstance(params, Sequence) else type(params).__name__}.")
+        base, call_kwargs = self.split_call(generation_kwargs)
+        base_params = self.build(base, call_kwargs) if n else None
+        per_prompt: list[GenerationParams] = []
+        for index in range(n):
+            own = params[index] if params is not None else None
+            if own is None:
+                per_prompt.append(base_params)
+                continue
+            where = f"params[{index}]"
+            if not isinstance(own, (Mapping, SamplingParams)):
+                raise ValueError(f"{where} must be a dict, a SamplingParams or None, got {type(own).__name__}.")
+            merged = base.merge(SamplingParams.from_dict(own, where, per_prompt=True))
+            try:
+                per_prompt.append(self.build(merged, call_kwargs))
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from err
+        return per_prompt
+
+    def build(self, params: SamplingParams, call_kwargs: Mapping[str, Any] | None = None) -> GenerationParams:
+        """The resolved parameters of ``params`` (cached by content)."""
         call_kwargs = dict(call_kwargs or {})
+        overrides = params.overrides()
         cache_key = json.dumps(_canonical(overrides), sort_keys=True)
         cached = self._cache.get(cache_key)
         if cached is not None:
@@ -127,11 +122,11 @@ class ParamsBuilder:
         config.stop_strings = list(stop_strings) or None
         if stop_strings:
             call_kwargs.setdefault("tokenizer", self.tokenizer)
-        params = GenerationParams(
+        resolved = GenerationParams(
             config=config, call_kwargs=call_kwargs, stop_strings=stop_strings, seed=seed,
             fingerprint=fingerprint_of(config, stop_strings, seed, call_kwargs),
             batch_key=fingerprint_of(config, stop_strings, seed, call_kwargs,
                                      drop=("max_new_tokens", "seed") if (config.num_beams or 1) == 1 else ("seed",)),
         )
-        self._cache[cache_key] = params
-        return params
+        self._cache[cache_key] = resolved
+        return resolved

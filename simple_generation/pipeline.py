@@ -18,17 +18,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .engines.base import Engine
+from .engines.router import EngineRouter
 from .engines.select import JobSize
+from .errors import BatchFailed, BatchGenerationError, GenerationInterrupted
 from .formatting import PromptFormatter
-from .params import PER_PROMPT_KEYS, ParamsBuilder, normalize_overrides
+from .params import ParamsBuilder
 from .postprocess import PostProcessor
-from .requests import EngineOutput, GenerationParams, Request
+from .requests import EngineOutput, Request
 from .results import GenerationResult, RunSummary
 from .sampling import mix
-from .scheduling import BatchFailed, BatchGenerationError, GenerationInterrupted
 from .store import ResultStore, StoredAnswer, answer_key
 
 logger = logging.getLogger("simple_generation")
@@ -56,7 +58,7 @@ class CallPlan:
     store: ResultStore | None
     model_identity: str
     postprocessor: PostProcessor
-    engine: Any = None
+    engine: Engine                           # started: the one that runs the call's requests
     engine_reason: str = ""
     stats: RunSummary = field(default_factory=RunSummary)
 
@@ -110,23 +112,21 @@ def plan_call(
     dedup: bool,
     near_duplicates: float | None,
     store: ResultStore | None,
-    choose_engine: Callable[[list[GenerationParams], JobSize], tuple[Any, str, str]],
+    router: EngineRouter,
+    model_identity: Callable[[str], str],
     skip_prompt: bool,
     postprocessor: PostProcessor,
 ) -> CallPlan:
     """Validate and prepare a call (no generation happens here).
 
-    ``choose_engine(distinct_params, job)`` returns ``(engine, why, model_identity)``; it may raise
-    ValueError when no engine supports the call.
+    ``router`` chooses the engine (it may raise :class:`~simple_generation.errors.NoEngineError`, a ValueError,
+    when no engine supports the call) and starts a fast one only when something must be generated;
+    ``model_identity(family)`` is the model identity in the store keys of that engine family's answers.
     """
     if on_error not in ("raise", "record"):
         raise ValueError(f'on_error must be "raise" or "record", got {on_error!r}.')
     record = on_error == "record"
     n = len(inputs)
-    if params is not None:
-        if isinstance(params, dict) or not isinstance(params, Sequence) or len(params) != n:
-            raise ValueError(f"params must be a list with one dict (or None) per prompt: {n} prompts, got "
-                             f"{len(params) if isinstance(params, Sequence) else type(params).__name__}.")
     unusable: dict[int, str] = {}  # prompts that are not valid Unicode: one failed result each under "record"
     for index, item in enumerate(inputs):
         for text in [item] if isinstance(item, str) else [message["content"] for message in item]:
@@ -136,26 +136,7 @@ def plan_call(
                     raise ValueError(problem)
                 unusable.setdefault(index, problem)
 
-    base, call_kwargs = builder.split_call(generation_kwargs)
-    base_params = builder.build(base, call_kwargs) if n else None
-    per_prompt: list[GenerationParams] = []
-    for index in range(n):
-        own = params[index] if params is not None else None
-        if own is None:
-            per_prompt.append(base_params)
-            continue
-        if not isinstance(own, dict):
-            raise ValueError(f"params[{index}] must be a dict or None, got {type(own).__name__}.")
-        where = f"params[{index}]"
-        own = normalize_overrides(own, where, PER_PROMPT_KEYS)
-        overrides = {**base, **own}
-        temperature = own.get("temperature")
-        if isinstance(temperature, (int, float)) and temperature > 0 and "do_sample" not in own:
-            overrides["do_sample"] = True  # a prompt asking for a temperature asks for sampling (OpenAI's meaning)
-        try:
-            per_prompt.append(builder.build(overrides, call_kwargs))
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from err
+    per_prompt = builder.for_prompts(generation_kwargs, params, n)  # checked, each error naming params[i]
 
     ready: list[GenerationResult] = []
     failed: set[int] = set()
@@ -209,7 +190,7 @@ def plan_call(
     too_long: list[int] = []
     for index in live:
         ids = token_ids[index]
-        budget = int(per_prompt[index].config.max_new_tokens)
+        budget = per_prompt[index].max_new_tokens
         if context_length is not None:
             room = context_length if is_encoder_decoder else context_length - len(ids)
             if len(ids) > context_length or (not is_encoder_decoder and room < 1):
@@ -253,26 +234,34 @@ def plan_call(
     job = JobSize(requests=len(live), prompt_tokens=sum(len(token_ids[i]) for i in live),
                   new_tokens=sum(budgets[i] * per_prompt[i].num_return_sequences for i in live),
                   greedy=all(not p.sampled and p.num_beams == 1 for p in distinct))
-    engine, engine_reason, model_identity = choose_engine(distinct, job)
+    route = router.choose(distinct, job)
 
     # keys, resume, dedup
     copies: dict[tuple[str, str], int] = {}
     copy_numbers: dict[int, int] = {}
-    keys: dict[int, str] = {}
+    identity_prompts: dict[int, str] = {}
     for index in live:
         prompt_params = per_prompt[index]
         identity_prompt = texts[index] + (f"\x00truncated:{token_ids[index]}" if index in truncated else "")
         spans = getattr(texts[index], "content_spans", ())
         if spans:  # special-token text of messages, tokenized as text: not the same prompt as the raw string
             identity_prompt += f"\x00content-as-text:{list(spans)}"
+        identity_prompts[index] = identity_prompt
         copy = 0
         if not prompt_params.deterministic:
             group = (identity_prompt, prompt_params.fingerprint)
             copy = copies.get(group, 0)
             copies[group] = copy + 1
         copy_numbers[index] = copy
-        keys[index] = answer_key(model_identity, identity_prompt, prompt_params.fingerprint, copy)
-    stored = store.get_many(list(keys.values())) if store is not None else {}
+    while True:  # keys name the engine family: a fast engine that cannot start means other keys
+        identity = model_identity(route.family)
+        keys = {index: answer_key(identity, identity_prompts[index], per_prompt[index].fingerprint,
+                                  copy_numbers[index]) for index in live}
+        stored = store.get_many(list(keys.values())) if store is not None else {}
+        engine, engine_reason = router.start(route, needed=any(key not in stored for key in keys.values()))
+        if engine is not None:
+            break
+        route = router.choose(distinct, job)  # without the engine that failed to start
     slots: dict[str, Slot] = {}
     ordered_slots: list[Slot] = []
     deduplicated = 0
@@ -303,14 +292,21 @@ def plan_call(
     stats = RunSummary(prompts=n, cached=cached, deduplicated=deduplicated, near_duplicates=len(removed),
                        capped=capped)
     return CallPlan(n_inputs=n, slots=ordered_slots, ready=ready, prompt_ids=token_ids, skip_prompt=skip_prompt,
-                    isolate_errors=record, store=store, model_identity=model_identity, postprocessor=postprocessor,
+                    isolate_errors=record, store=store, model_identity=identity, postprocessor=postprocessor,
                     engine=engine, engine_reason=engine_reason, stats=stats)
 
 
 def _result_from_answer(index: int, prompt: str, answer: StoredAnswer, cached: bool) -> GenerationResult:
-    return GenerationResult(index=index, prompt=prompt, texts=list(answer.texts), token_ids=answer.token_ids,
-                            finish_reasons=list(answer.finish_reasons), prompt_tokens=answer.prompt_tokens,
+    return GenerationResult(index=index, prompt=prompt, outputs=answer.outputs, prompt_tokens=answer.prompt_tokens,
                             completion_tokens=answer.completion_tokens, error=answer.error, cached=cached)
+
+
+def _echo(plan: CallPlan, result: GenerationResult) -> None:
+    """Put the prompt in front of each output's text (outputs hold continuations until here)."""
+    prompt_ids = plan.prompt_ids.get(result.index, [])
+    result.outputs = [replace(output, text=plan.postprocessor.echo(prompt_ids, output.token_ids, output.text,
+                                                                    output.finish_reason))
+                      for output in result.outputs]
 
 
 def finish_request(plan: CallPlan, slot: Slot, output: EngineOutput) -> StoredAnswer:
@@ -332,8 +328,7 @@ def fan_out(plan: CallPlan, slot: Slot, answer: StoredAnswer) -> list[Generation
     for index in slot.positions:
         result = _result_from_answer(index, slot.prompt, answer, cached=False)
         if not plan.skip_prompt and answer.error is None:
-            result.texts = [plan.postprocessor.echo(plan.prompt_ids[index], ids, text, reason)
-                            for text, ids, reason in zip(answer.texts, answer.token_ids, answer.finish_reasons)]
+            _echo(plan, result)
         results.append(result)
     return results
 
@@ -342,9 +337,7 @@ def echo_ready(plan: CallPlan, result: GenerationResult) -> GenerationResult:
     """Cached answers are stored as continuations: put the prompt in front when asked."""
     if plan.skip_prompt or not result.cached or result.error is not None:
         return result
-    ids = plan.prompt_ids.get(result.index, [])
-    result.texts = [plan.postprocessor.echo(ids, new, text, reason)
-                    for text, new, reason in zip(result.texts, result.token_ids, result.finish_reasons)]
+    _echo(plan, result)
     return result
 
 
@@ -385,7 +378,7 @@ def interrupted(done: dict[int, GenerationResult]) -> GenerationInterrupted:
 def summarize(plan: CallPlan, results: dict[int, GenerationResult], started: float, engine_stats,
               engine_name: str, engine_reason: str) -> RunSummary:
     stats = plan.stats
-    stats.sequences = sum(len(r.texts) for r in results.values())
+    stats.sequences = sum(len(r.outputs) for r in results.values())
     stats.wall_time_s = time.perf_counter() - started
     stats.engine = engine_name
     stats.engine_reason = engine_reason

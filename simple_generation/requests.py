@@ -31,8 +31,9 @@ class GenerationParams:
     """Resolved generation settings shared by every request made with them.
 
     ``config`` is the full transformers ``GenerationConfig`` (model defaults, our defaults and the
-    caller's overrides merged; its ``max_new_tokens`` is the requested budget, a request may get
-    less, see :attr:`Request.max_new_tokens`). ``call_kwargs`` are extra ``model.generate``
+    caller's overrides merged; its ``max_new_tokens`` is the requested budget, :attr:`max_new_tokens`,
+    from which the planner sets each request's own: engines read :attr:`Request.max_new_tokens`, never
+    this one). ``call_kwargs`` are extra ``model.generate``
     arguments (``logits_processor``, ``streamer``...): HF engines pass them on, others refuse them.
     ``fingerprint`` is a canonical string of everything in ``config``/``stop_strings``/``seed`` that
     can change an answer: equal fingerprints mean requests may share a batch and a store key.
@@ -44,6 +45,11 @@ class GenerationParams:
     seed: int | None
     fingerprint: str
     batch_key: str = ""  # the fingerprint without max_new_tokens and seed: what may share one batch
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The requested budget (a request may get less: :attr:`Request.max_new_tokens`, which engines read)."""
+        return int(self.config.max_new_tokens)
 
     @property
     def num_return_sequences(self) -> int:

@@ -1,29 +1,55 @@
-"""What a generation call produces: one :class:`GenerationResult` per prompt, and a :class:`RunSummary`."""
+"""What a generation call produces: one :class:`GenerationResult` per prompt (its sequences as
+:class:`CompletionOutput` objects), and a :class:`RunSummary`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class CompletionOutput:
+    """One of the ``n`` sequences generated for a prompt (``num_return_sequences``), as vLLM's ``CompletionOutput``.
+
+    ``index``: its place among the prompt's sequences; ``text``: the answer (the prompt in front unless
+    ``skip_prompt``; stop strings cut); ``token_ids``: the generated token ids (never the prompt's);
+    ``finish_reason``: ``"stop"`` (end of sequence), ``"length"`` (max_new_tokens or the context reached) or
+    ``"stop_string"``; ``logprobs``: not filled yet (always None; reserved for per-token log-probabilities).
+
+    Example:
+        >>> result = gen.generate(["Hi"], max_new_tokens=8, num_return_sequences=2)[0]   # doctest: +SKIP
+        >>> [(o.index, o.text, o.finish_reason) for o in result.outputs]                   # doctest: +SKIP
+        [(0, ' Hello!', 'stop'), (1, ' Hi there', 'length')]
+    """
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[Any] | None = None
 
 
 @dataclass
 class GenerationResult:
     """The outcome for one prompt of a call.
 
-    ``texts`` holds the ``n`` answers (``num_return_sequences``); ``text`` is the first, None when the
-    prompt failed (``error`` then says why) or was removed as a near-duplicate (``duplicate_of``
-    names the kept prompt). ``cached``: taken from the store, not generated in this call.
+    ``outputs`` holds the ``n`` generated sequences (``num_return_sequences``), one
+    :class:`CompletionOutput` each; ``text`` is the first one's text, None when the prompt failed
+    (``error`` then says why) or was removed as a near-duplicate (``duplicate_of`` names the kept prompt).
+    ``texts``, ``token_ids`` and ``finish_reasons`` list the outputs' fields. ``cached``: taken from the
+    store, not generated in this call.
 
     Example:
         >>> results = gen.generate(["Hi", "What is 2 + 2?"], max_new_tokens=8)   # doctest: +SKIP
         >>> results[1].text, results[1].finish_reason, results[1].completion_tokens   # doctest: +SKIP
         (' Four.', 'stop', 3)
+        >>> results[1].outputs[0].token_ids   # doctest: +SKIP
+        [12, 873, 2]
     """
 
     index: int
     prompt: str = ""
-    texts: list[str] = field(default_factory=list)
-    token_ids: list[list[int]] = field(default_factory=list)
-    finish_reasons: list[str] = field(default_factory=list)
+    outputs: list[CompletionOutput] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
@@ -31,19 +57,34 @@ class GenerationResult:
     cached: bool = False
 
     @property
+    def texts(self) -> list[str]:
+        """The text of each output."""
+        return [output.text for output in self.outputs]
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        """The generated token ids of each output."""
+        return [output.token_ids for output in self.outputs]
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        """The finish reason of each output."""
+        return [output.finish_reason for output in self.outputs]
+
+    @property
     def text(self) -> str | None:
-        return self.texts[0] if self.texts else None
+        return self.outputs[0].text if self.outputs else None
 
     @property
     def finish_reason(self) -> str | None:
-        return self.finish_reasons[0] if self.finish_reasons else None
+        return self.outputs[0].finish_reason if self.outputs else None
 
     @property
     def answer(self) -> str | list[str] | None:
         """What ``gen(...)`` returns for this prompt: the text, or the list of texts when ``n > 1``."""
         if self.error is not None or self.duplicate_of is not None:
             return None
-        return self.texts[0] if len(self.texts) == 1 else list(self.texts)
+        return self.outputs[0].text if len(self.outputs) == 1 else self.texts
 
     @property
     def ok(self) -> bool:

@@ -1,11 +1,13 @@
-"""Batch sizes, out-of-memory detection and the errors a failing batch raises."""
+"""Batch sizes and out-of-memory detection (the errors a failing batch raises live in :mod:`.errors`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import torch
+
+# re-exported: older code imports them from here
+from .errors import BatchFailed, BatchGenerationError, GenerationInterrupted  # noqa: F401
 
 logger = logging.getLogger("simple_generation")
 
@@ -42,40 +44,6 @@ def release_memory() -> None:
     from accelerate.utils.memory import clear_device_cache
 
     clear_device_cache(garbage_collection=True)
-
-
-class BatchFailed(Exception):
-    """Internal: an engine's batch failed (ids of its requests, the cause)."""
-
-    def __init__(self, request_ids: Sequence[int], cause: BaseException):
-        super().__init__(f"{type(cause).__name__}: {cause}")
-        self.request_ids = list(request_ids)
-        self.cause = cause
-
-
-class BatchGenerationError(RuntimeError):
-    """Generation failed for one batch. ``partial`` maps prompt index to the answers already finished."""
-
-    def __init__(self, message: str, indices: Sequence[int], partial: dict[int, object]):
-        super().__init__(message)
-        self.indices = list(indices)
-        self.partial = partial
-
-
-class GenerationInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a call. ``partial`` maps prompt index to the answers already finished (and stored)."""
-
-    def __init__(self, message: str, partial: dict[int, object]):
-        super().__init__(message)
-        self.partial = partial
-
-
-def length_order(lengths: Sequence[int], sort: bool = True) -> list[int]:
-    """Indices in processing order: longest first when ``sort`` (stable), else input order."""
-    indices = list(range(len(lengths)))
-    if sort:
-        indices.sort(key=lambda i: -lengths[i])
-    return indices
 
 
 # On a CPU the matrix units saturate at small batches, and a wide batch of sorted prompts pays for

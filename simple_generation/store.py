@@ -35,6 +35,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .errors import StoreError
+from .results import CompletionOutput
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -66,7 +69,13 @@ def answer_key(model_identity: str, prompt: str, fingerprint: str, copy: int = 0
 
 @dataclass
 class StoredAnswer:
-    """One row of the store."""
+    """One row of the store: the ``n`` sequences of one answer as parallel lists (the table's columns); the
+    sequences as :class:`~simple_generation.results.CompletionOutput` objects are :attr:`outputs`.
+
+    Example:
+        >>> StoredAnswer("3f2a...", [" Four."], [[12, 2]], ["stop"], 5, 2).outputs[0].text
+        ' Four.'
+    """
 
     key: str
     texts: list[str]
@@ -76,9 +85,11 @@ class StoredAnswer:
     completion_tokens: int
     error: str | None = None
 
-
-class StoreError(ValueError):
-    """A file that cannot be used as a store (not SQLite, corrupt, another program's database, another schema)."""
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """One :class:`CompletionOutput` per sequence (continuations, as stored: no prompt in front)."""
+        return [CompletionOutput(index=i, text=text, token_ids=list(ids), finish_reason=reason)
+                for i, (text, ids, reason) in enumerate(zip(self.texts, self.token_ids, self.finish_reasons))]
 
 
 _COLUMNS = ("key", "model", "prompt", "params", "texts", "token_ids", "finish_reasons", "prompt_tokens",
@@ -176,22 +187,19 @@ class ResultStore:
             except sqlite3.DatabaseError as err:
                 raise _refuse(self.path, f"a damaged database ({err})") from err
 
-    def get_many(self, keys: Sequence[str], include_errors: bool = False) -> dict[str, StoredAnswer]:
-        """The stored answers among ``keys`` (failed ones only with ``include_errors``)."""
+    def get_many(self, keys: Sequence[str]) -> dict[str, StoredAnswer]:
+        """The stored answers among ``keys``; failed answers are left out (a rerun retries them)."""
         found: dict[str, StoredAnswer] = {}
         unique = list(dict.fromkeys(keys))
         for start in range(0, len(unique), 500):
             chunk = unique[start:start + 500]
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
-                "SELECT key, texts, token_ids, finish_reasons, prompt_tokens, completion_tokens, error "
-                f"FROM results WHERE key IN ({marks})", chunk).fetchall()
-            for key, texts, token_ids, reasons, prompt_tokens, completion_tokens, error in rows:
-                if error is not None and not include_errors:
-                    continue
+                "SELECT key, texts, token_ids, finish_reasons, prompt_tokens, completion_tokens "
+                f"FROM results WHERE key IN ({marks}) AND error IS NULL", chunk).fetchall()
+            for key, texts, token_ids, reasons, prompt_tokens, completion_tokens in rows:
                 found[key] = StoredAnswer(key, json.loads(texts or "[]"), json.loads(token_ids or "[]"),
-                                          json.loads(reasons or "[]"), prompt_tokens or 0, completion_tokens or 0,
-                                          error)
+                                          json.loads(reasons or "[]"), prompt_tokens or 0, completion_tokens or 0)
         return found
 
     def put(self, answer: StoredAnswer, model: str, prompt: str, params: str) -> None:

@@ -3,7 +3,8 @@ run that checks every request comes back exactly once."""
 
 from transformers import GenerationConfig
 
-from simple_generation.requests import GenerationParams
+from simple_generation.engines.base import EngineBase, EngineStats
+from simple_generation.requests import EngineOutput, GenerationParams
 
 
 def make_params(**config) -> GenerationParams:
@@ -93,3 +94,63 @@ def two_process_records(path, out_dir, engine, **engine_kwargs) -> list[dict]:
     done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+# ---------------------------------------------------------------------------------------------- small real engines
+# Engines without a model, for tests of routing and planning (which engine runs a call, which keys it uses);
+# registered under a name for a test with ``monkeypatch.setitem(REGISTRY, name, "tests.engine_helpers:Class")``.
+
+
+class EchoEngine(EngineBase):
+    """An HF-family engine that answers each request with its prompt's last token, up to its budget."""
+
+    name = "echo"
+    needs_hf_model = True
+    supports_beam_search = True
+    supports_generate_kwargs = True
+
+    def __init__(self, received_kwargs=None):
+        self.stats = EngineStats()
+        self.received_kwargs = dict(received_kwargs or {})  # the engine keywords it was created with
+
+    @classmethod
+    def create(cls, context):
+        return cls(context.engine_kwargs)
+
+    def run(self, requests, *, isolate_errors=False):
+        for request in requests:
+            n = request.params.num_return_sequences
+            yield request, EngineOutput(sequences=[[request.token_ids[-1]] * request.max_new_tokens] * n,
+                                        finish_reasons=["length"] * n)
+
+
+class GreedyOnlyEngine(EchoEngine):
+    """An HF-family engine that refuses sampled calls (the router must fall back past it)."""
+
+    name = "greedy-only"
+
+    def unsupported(self, params):
+        return "it decodes greedily only" if params.sampled else None
+
+
+class QuickEngine(EchoEngine):
+    """A fast engine with its own runtime (family "quick") that starts; counts its starts."""
+
+    name = "quick"
+    needs_hf_model = False
+    starts = 0
+
+    @classmethod
+    def create(cls, context):
+        QuickEngine.starts += 1
+        return cls(context.engine_kwargs)
+
+
+class BrokenEngine(QuickEngine):
+    """A fast engine that fails to start (family "broken")."""
+
+    name = "broken"
+
+    @classmethod
+    def create(cls, context):
+        raise RuntimeError("no runtime here")

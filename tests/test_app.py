@@ -466,3 +466,29 @@ def test_a_finished_sessions_files_are_deleted(browser, server, tmp_path):
         time.sleep(0.5)
     assert not results_copy.exists()
     assert not any(p.exists() for p in uploads)
+
+
+def test_batch_tab_runs_the_job_layer_and_resumes_from_its_store(gen, tmp_path):
+    """The batch tab without a browser: records in input order, the command line's answers, progress from 0 to
+    the end, and the same upload again answered from the store named after its content and settings."""
+    from simple_generation.app import BatchSettings, batch_store_path, run_batch
+
+    upload = tmp_path / "prompts.jsonl"
+    upload.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n"
+                              for i, p in enumerate(["Hello", "What is 2 + 2?", "Hello"])), encoding="utf-8")
+    settings = BatchSettings(max_new_tokens=4)
+    seen = []
+    output, rows = run_batch(gen, upload, settings, tmp_path / "cache", seen.append)
+    expected = gen(["Hello", "What is 2 + 2?", "Hello"], max_new_tokens=4, temperature=0, skip_prompt=True,
+                   show_progress_bar=False)
+    assert [r["index"] for r in rows] == [0, 1, 2] and [r["id"] for r in rows] == [0, 1, 2]
+    assert [r["answer"] for r in rows] == expected
+    assert [json.loads(line)["answer"] for line in output.read_text(encoding="utf-8").splitlines()] == expected
+    assert seen[0].done == 0 and seen[-1].done == seen[-1].total == 3 and seen[-1].cached == 0
+    assert batch_store_path(upload.read_bytes(), ".jsonl", settings, tmp_path / "cache").exists()
+    seen.clear()
+    _, again = run_batch(gen, upload, settings, tmp_path / "cache", seen.append)
+    assert again == rows and seen[-1].cached == 3 and seen[-1].tokens == 0
+    shutil.rmtree(output.parent, ignore_errors=True)
+    with pytest.raises(ValueError, match="Upload a .txt, .jsonl, .csv file"):
+        run_batch(gen, tmp_path / "prompts.parquet", settings, tmp_path / "cache")

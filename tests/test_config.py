@@ -8,6 +8,7 @@ from transformers import GenerationConfig
 
 from simple_generation import DefaultGenerationConfig, SimpleGenerator
 from simple_generation.config import build_generation_config
+from simple_generation.sampling_params import SamplingParams
 
 from .reference import hf_greedy, load_reference
 
@@ -26,8 +27,9 @@ def test_defaults_replace_sampling_but_keep_special_tokens():
 
 
 def test_call_overrides_everything_and_temperature_zero_is_greedy():
-    config = build_generation_config(GenerationConfig(eos_token_id=2), DefaultGenerationConfig(),
-                                     {"temperature": 0, "max_new_tokens": 9, "eos_token_id": 4}, pad_token_id=None)
+    call = SamplingParams.from_dict({"temperature": 0, "max_new_tokens": 9, "eos_token_id": 4}, "call")
+    config = build_generation_config(GenerationConfig(eos_token_id=2), DefaultGenerationConfig(), call.overrides(),
+                                     pad_token_id=None)
     assert config.do_sample is False and config.max_new_tokens == 9 and config.eos_token_id == 4
 
 
@@ -70,6 +72,6 @@ def test_log_batch_sample_logs_every_n_batches(llama_path, caplog):
 
 
 @pytest.mark.parametrize("value", [True, "x", 1.5])
-def test_bad_max_new_tokens_type(value):
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        build_generation_config(None, DefaultGenerationConfig(), {"max_new_tokens": value}, None)
+def test_bad_max_new_tokens_type(value):  # values are checked where they come in, once (SamplingParams)
+    with pytest.raises(ValueError, match="call: `max_new_tokens` must be an integer"):
+        SamplingParams.from_dict({"max_new_tokens": value}, "call")

@@ -91,7 +91,7 @@ def test_greedy_f32_equals_hf_unbatched_with_per_request_budgets(engine, prompt_
         if eos not in sequence:
             assert len(sequence) == request.max_new_tokens
             assert outputs[request.id].finish_reasons == ["length"]
-    assert engine.stats.generated_tokens > 0 and engine.stats.batch_size > 1
+    assert engine.stats.batch_size > 1
 
 
 def test_greedy_equals_raw_openvino_pipeline(engine, prompt_ids):

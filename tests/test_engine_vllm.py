@@ -83,7 +83,7 @@ def test_greedy_fp32_equals_hf_unbatched_with_per_request_budgets(engine, prompt
         assert trim_eos(sequence, eos) == trim_eos(expected, eos), f"prompt {request.id}"
         if eos not in sequence:
             assert len(sequence) == request.max_new_tokens and outputs[request.id].finish_reasons == ["length"]
-    assert engine.stats.generated_tokens > 0 and engine.stats.batch_size > 1
+    assert engine.stats.batch_size > 1
 
 
 def test_greedy_equals_raw_vllm_generate(engine, prompt_ids):

@@ -364,7 +364,7 @@ def test_generation_field_list_matches_transformers():
 
     from transformers import GenerationConfig
 
-    from simple_generation.io.records import GENERATION_CONFIG_FIELDS
+    from simple_generation.sampling_params import GENERATION_CONFIG_FIELDS
 
     real = set(GenerationConfig().to_dict()) | set(inspect.signature(GenerationConfig).parameters)
     bookkeeping = {"_from_model_config", "transformers_version", "kwargs", "cache_config", "compile_config",

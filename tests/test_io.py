@@ -17,7 +17,7 @@ from simple_generation.io import (
     scan,
     windows,
 )
-from simple_generation.results import GenerationResult
+from simple_generation.results import CompletionOutput, GenerationResult
 
 
 def _write(path, data: bytes | str):
@@ -103,8 +103,8 @@ def test_per_record_params_and_carried_fields(tmp_path):
     row = {"prompt": "p", "id": "a1", "max_tokens": 3, "temperature": 0, "stop": "\n", "n": 2, "seed": 7,
            "top_k": 5, "top_p": 0.5, "meta": {"k": [1, 2]}}
     record = _read(_write(tmp_path / "p.jsonl", json.dumps(row) + "\n"))[0]
-    assert record.params == {"max_new_tokens": 3, "temperature": 0, "stop": ["\n"], "n": 2, "seed": 7,
-                             "top_k": 5, "top_p": 0.5}
+    assert record.params == {"max_new_tokens": 3, "temperature": 0, "stop_strings": ["\n"], "num_return_sequences": 2,
+                             "seed": 7, "top_k": 5, "top_p": 0.5}
     assert record.fields == {"id": "a1", "meta": {"k": [1, 2]}}
 
 
@@ -146,8 +146,8 @@ def test_csv_with_params_quoted_newlines_and_bom(tmp_path):
     source = _write(tmp_path / "p.CSV", b"\xef\xbb\xbf" + buffer.getvalue().encode())
     records = _read(source)
     assert [r.prompt for r in records] == ["line one\nline two", "second"]
-    assert records[0].params == {"max_new_tokens": 5, "stop": ["END", "STOP"]}
-    assert records[1].params == {"temperature": 0.5, "stop": ["\n\n"]}
+    assert records[0].params == {"max_new_tokens": 5, "stop_strings": ["END", "STOP"]}
+    assert records[1].params == {"temperature": 0.5, "stop_strings": ["\n\n"]}
     assert [r.fields for r in records] == [{"id": "x"}, {"id": "y"}]
     assert records[1].source.endswith(":4")
     bad = _write(tmp_path / "bad.csv", "prompt,max_new_tokens\na,3\nb,lots\n")
@@ -211,17 +211,23 @@ def test_openai_batch_input_is_detected(tmp_path):
     first, second = _read(source)
     assert first.custom_id == "req-1" and first.openai.chat and first.openai.model == "gpt-x"
     assert first.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert first.params == {"max_new_tokens": 5, "temperature": 0.2, "top_p": 0.9, "stop": ["\n"], "n": 2, "seed": 3}
+    assert first.params == {"max_new_tokens": 5, "temperature": 0.2, "top_p": 0.9, "stop_strings": ["\n"],
+                            "num_return_sequences": 2, "seed": 3}
     assert second.prompt == "Once upon" and not second.openai.chat and second.params == {"max_new_tokens": 4}
     unsupported = {"custom_id": "r", "body": {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 2}}}
     with pytest.raises(InputError, match="body.logit_bias is not supported"):
         _read(_write(tmp_path / "bad.jsonl", json.dumps(unsupported) + "\n"))
 
 
+def _result(texts, reasons, **fields):
+    """A GenerationResult whose outputs have these texts and finish reasons."""
+    outputs = [CompletionOutput(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))]
+    return GenerationResult(index=0, outputs=outputs, **fields)
+
+
 def test_openai_batch_output_lines():
     record = InputRecord(index=0, prompt=[{"role": "user", "content": "Hi"}], custom_id="req-1")
-    ok = output_record(record, GenerationResult(index=0, texts=["a", "b"], finish_reasons=["stop_string", "length"],
-                                                prompt_tokens=4, completion_tokens=6))
+    ok = output_record(record, _result(["a", "b"], ["stop_string", "length"], prompt_tokens=4, completion_tokens=6))
     line = openai_batch_line(ok, chat=True, model="m", created=1)
     assert line["custom_id"] == "req-1" and line["error"] is None and line["id"].startswith("batch_req_")
     body = line["response"]["body"]
@@ -230,7 +236,7 @@ def test_openai_batch_output_lines():
     assert [c["message"]["content"] for c in body["choices"]] == ["a", "b"]
     assert [c["finish_reason"] for c in body["choices"]] == ["stop", "length"]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
-    text = openai_batch_line(output_record(record, GenerationResult(index=0, texts=["x"], finish_reasons=["stop"])),
+    text = openai_batch_line(output_record(record, _result(["x"], ["stop"])),
                              chat=False, model="m", created=1)
     assert text["response"]["body"]["object"] == "text_completion"
     assert text["response"]["body"]["choices"][0]["text"] == "x"
@@ -242,11 +248,11 @@ def test_openai_batch_output_lines():
 # ------------------------------------------------------------------------------------------- records, scan, windows
 def test_output_record_keeps_todays_fields_and_renames_collisions():
     record = InputRecord(index=4, prompt="Q", fields={"id": 9, "answer": "gold", "index": "orig"})
-    out = output_record(record, GenerationResult(index=0, prompt="<s>[INST] Q [/INST]", texts=["A"],
-                                                 finish_reasons=["stop"], prompt_tokens=3, completion_tokens=1))
+    out = output_record(record, _result(["A"], ["stop"], prompt="<s>[INST] Q [/INST]", prompt_tokens=3,
+                                         completion_tokens=1))
     assert out == {"id": 9, "input_answer": "gold", "input_index": "orig", "index": 4, "prompt": "Q", "answer": "A",
                    "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 1, "error": None}
-    many = output_record(record, GenerationResult(index=0, texts=["a", "b"], finish_reasons=["stop", "length"]))
+    many = output_record(record, _result(["a", "b"], ["stop", "length"]))
     assert many["answer"] == ["a", "b"] and many["finish_reason"] == ["stop", "length"]
     near = output_record(record, duplicate_of=1)
     assert near["duplicate_of"] == 1 and near["answer"] is None and near["error"] is None

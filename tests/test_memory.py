@@ -163,7 +163,7 @@ def test_engine_options_reach_the_continuous_engine_under_auto(llama_path):
     gen = SimpleGenerator(llama_path, kv_cache_memory_bytes=10**6, max_slots=4, track_emissions=False)
     answers = gen(PROMPTS[:3], max_new_tokens=4, temperature=0, show_progress_bar=False)
     assert gen.last_run.engine == "continuous"
-    engine = gen._engine("continuous")
+    engine = gen.router.engine("continuous")
     assert (engine.kv_cache_memory_bytes, engine.max_slots) == (10**6, 4)
     static = SimpleGenerator(llama_path, engine="static", track_emissions=False)
     assert answers == static(PROMPTS[:3], max_new_tokens=4, temperature=0, show_progress_bar=False)

@@ -65,6 +65,7 @@ SKIP_LINES = [
 # Python blocks checked another way than by running them: (piece, test that checks it).
 CHECKED_OTHERWISE = [
     ("class DefaultGenerationConfig", "test_default_generation_config_block_is_the_real_one"),
+    ("entry points   cli.py", "test_architecture_names_real_modules"),
 ]
 # A block that needs the files an earlier block wrote: (piece of the block, piece of the block it needs).
 DEPENDS = [
@@ -284,3 +285,16 @@ def test_main_command_line_reruns_and_resumes(tmp_path):
     assert (tmp_path / "answers.jsonl").read_text() == output
     assert len(output.splitlines()) == n_prompts
     assert shlex.split(line)  # one shell line, as pasted
+
+
+def test_architecture_names_real_modules():
+    """The Architecture section's diagram and table name modules that exist (a rename must update it)."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Architecture"):text.index("## Development")]
+    names = set(re.findall(r"([\w/]+\.py)\b", section)) | set(re.findall(r"`([\w/]+/)`", section))
+    assert len(names) > 15
+    package = Path(__file__).resolve().parent.parent / "simple_generation"
+    for name in names:
+        candidates = [package / name, package / "engines" / name, package / "io" / name,
+                      package.parent / name]
+        assert any(c.exists() for c in candidates), f"README Architecture names {name}, which does not exist"

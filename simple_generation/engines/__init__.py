@@ -1,15 +1,15 @@
-"""Engines: one module each, found by name. See :mod:`simple_generation.engines.base` for the protocol.
+"""Engines: one module each, found by name.
 
-An engine class has ``name``, ``needs_hf_model``, ``create(context: EngineContext)`` (classmethod),
-``accepts_kwarg(name) -> bool`` (classmethod), ``available() -> str | None`` (classmethod: why it cannot
-run here, e.g. its package is missing) and the :class:`~.base.Engine` methods.
+An engine class implements the :class:`~.base.Engine` protocol (capability class attributes, ``create``,
+``available``, ``accepts_kwarg``, ``unsupported``, ``configure``, ``run``), usually by subclassing
+:class:`~.base.EngineBase`. Which engine runs a call is the :mod:`~.router`'s business.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .base import Engine, EngineContext, EngineStats
+from .base import Engine, EngineBase, EngineContext, EngineStats
 
 # name -> "module:Class"; modules are imported only when their engine is asked for
 REGISTRY: dict[str, str] = {
@@ -28,4 +28,4 @@ def engine_class(name: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
-__all__ = ["REGISTRY", "Engine", "EngineContext", "EngineStats", "engine_class"]
+__all__ = ["REGISTRY", "Engine", "EngineBase", "EngineContext", "EngineStats", "engine_class"]

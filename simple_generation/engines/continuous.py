@@ -42,30 +42,15 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessorList
 
+from ..errors import BatchFailed
 from ..memory import available_bytes, kv_bytes_per_token
 from ..requests import EngineOutput, FinishReason, GenerationParams, Request, token_id_list
 from ..sampling import greedy_config, gumbel_noise, warpers
-from ..scheduling import BatchFailed, is_out_of_memory
-from .base import EngineContext, EngineStats, input_device
+from ..scheduling import is_out_of_memory
+from .base import EngineBase, EngineContext, EngineStats, input_device
 from .slot_cache import SlotCache
 
 logger = logging.getLogger("simple_generation")
-
-# model.generate arguments the engine honours (the tokenizer only serves stop strings)
-_SUPPORTED_CALL_KWARGS = frozenset({"tokenizer"})
-# GenerationConfig features that change how decoding works, not only which token a row picks
-_UNSUPPORTED_CONFIG = {
-    "assistant_model": "assisted generation",
-    "prompt_lookup_num_tokens": "prompt-lookup decoding",
-    "penalty_alpha": "contrastive search",
-    "dola_layers": "DoLa decoding",
-    "constraints": "constrained beam search",
-    "force_words_ids": "constrained beam search",
-    "max_time": "max_time",
-    "watermarking_config": "watermarking",
-    "guidance_scale": "classifier-free guidance",
-    "num_assistant_tokens": None,  # only meaningful with an assistant model
-}
 
 
 def _release_memory() -> None:
@@ -136,7 +121,7 @@ class _Row:
         return not self.sampled and self.processors is None
 
 
-class ContinuousEngine:
+class ContinuousEngine(EngineBase):
     """Continuous batching over a left-padded ``DynamicCache``; see the module docstring.
 
     Knobs (engine keywords): ``max_slots`` (rows decoded together; default 64 on CPU, 128 on an
@@ -152,7 +137,14 @@ class ContinuousEngine:
 
     name = "continuous"
     needs_hf_model = True
+    # GenerationConfig features that change how decoding works, not only which token a row picks (neutral values)
+    unsupported_settings = {
+        "assistant_model": None, "prompt_lookup_num_tokens": None, "penalty_alpha": None, "dola_layers": None,
+        "constraints": None, "force_words_ids": None, "max_time": None, "watermarking_config": None,
+        "guidance_scale": 1,
+    }
     KWARGS = ("max_slots", "max_batch_tokens", "refill_fraction", "kv_cache_memory_bytes", "kv_cache_memory_fraction")
+    engine_kwargs = frozenset(KWARGS)
 
     def __init__(self, model, tokenizer, is_encoder_decoder: bool = False, *, max_slots: int | None = None,
                  max_batch_tokens: int = 2048, refill_fraction: float = 0.25,
@@ -196,14 +188,6 @@ class ContinuousEngine:
         kwargs = {k: v for k, v in context.engine_kwargs.items() if k in cls.KWARGS}
         return cls(context.model, context.tokenizer, context.is_encoder_decoder, **kwargs)
 
-    @classmethod
-    def accepts_kwarg(cls, name: str) -> bool:
-        return name in cls.KWARGS
-
-    @classmethod
-    def available(cls) -> str | None:
-        return None
-
     def model_unsupported(self) -> str | None:
         """Why this model cannot run here (None when it can): what its cache or positions need."""
         model = self.model
@@ -241,29 +225,18 @@ class ContinuousEngine:
             return f"sliding-window attention (window {window} < context {context})"
         return None
 
-    def unsupported(self, params: GenerationParams) -> str | None:
-        reason = self.model_unsupported()
+    @classmethod
+    def unsupported_params(cls, params: GenerationParams) -> str | None:
+        reason = super().unsupported_params(params)
         if reason:
             return reason
-        if params.num_beams > 1:
-            return "beam search (num_beams > 1)"
-        config = params.config
-        if getattr(config, "num_beam_groups", 1) not in (None, 1):
-            return "group beam search"
-        for key, what in _UNSUPPORTED_CONFIG.items():
-            value = getattr(config, key, None)
-            if what is None or value is None:
-                continue
-            if key == "guidance_scale" and value == 1:
-                continue
-            return f"{what} ({key}={value!r})"
-        cache_implementation = getattr(config, "cache_implementation", None)
+        cache_implementation = getattr(params.config, "cache_implementation", None)
         if cache_implementation not in (None, "dynamic"):
-            return f"cache_implementation={cache_implementation!r}"
-        extra = sorted(k for k, v in params.call_kwargs.items() if k not in _SUPPORTED_CALL_KWARGS and v is not None)
-        if extra:
-            return f"model.generate arguments it cannot honour: {', '.join(extra)}"
+            return f"the continuous engine runs its own cache, not cache_implementation={cache_implementation!r}"
         return None
+
+    def unsupported(self, params: GenerationParams) -> str | None:
+        return self.model_unsupported() or self.unsupported_params(params)
 
     def configure(self, batch_size: int, auto: bool, sort: bool = True) -> None:
         """Per call (the façade): an explicit ``batch_size`` caps the slots; ``"auto"`` keeps ``max_slots``."""
@@ -593,7 +566,6 @@ class _Scheduler:
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
             row.tokens.append(token)
-            self.engine.stats.generated_tokens += 1
             reason: FinishReason | None = None
             if token in row.eos:
                 reason = "stop"

@@ -97,7 +97,8 @@ class FastEngines:
         """(the fast engine for this call, or None; why). The engine is the started one when it runs
         already, else a :class:`FastChoice` to :meth:`start` once the call is known to need it (a rerun
         whose answers are all stored starts nothing)."""
-        usable = [c for c in self.candidates if all(engine_class(c.name).unsupported(p) is None for p in distinct)]
+        usable = [c for c in self.candidates
+                  if all(engine_class(c.name).unsupported_params(p) is None for p in distinct)]
         if not usable:
             return None, ""
         hf_s = hf_seconds(self.parameters, job, self.on_gpu, cpu_threads())

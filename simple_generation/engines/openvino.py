@@ -34,8 +34,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..requests import EngineOutput, GenerationParams, Request, token_id_list
-from .base import EngineContext, EngineStats, runtime_unsupported
+from ..requests import EngineOutput, Request, token_id_list
+from .base import EngineBase, EngineContext, EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +180,13 @@ def export_ir(path_or_id: str, *, weight_format: str = "fp32", cache_dir: str | 
     return target
 
 
-class OpenVINOEngine:
+class OpenVINOEngine(EngineBase):
     """Requests through an OpenVINO GenAI continuous-batching pipeline, each with its own config."""
 
     name = "openvino"
     needs_hf_model = False
+    unsupported_settings = _UNSUPPORTED_FIELDS
+    engine_kwargs = ENGINE_KWARGS
 
     @classmethod
     def available(cls) -> str | None:
@@ -192,10 +194,6 @@ class OpenVINOEngine:
             if importlib.util.find_spec(module) is None:
                 return f"the {package} package is not installed (see scripts/engine-env.sh openvino)"
         return None
-
-    @classmethod
-    def accepts_kwarg(cls, name: str) -> bool:
-        return name in ENGINE_KWARGS
 
     @classmethod
     def create(cls, context: EngineContext) -> OpenVINOEngine:
@@ -261,13 +259,6 @@ class OpenVINOEngine:
         logger.info("OpenVINO: pipeline on %s with %s in %.1f s", ov_device, properties, self.load_seconds)
 
     # -- parameters ---------------------------------------------------------------------------------
-    @classmethod
-    def unsupported(cls, params: GenerationParams) -> str | None:
-        problem = runtime_unsupported(params, "OpenVINO", _UNSUPPORTED_FIELDS)
-        if problem is None and getattr(params.config, "num_beam_groups", 1) not in (None, 1):
-            problem = "the OpenVINO engine does not run group beam search"
-        return problem
-
     def generation_config(self, request: Request):
         """OpenVINO's GenerationConfig for one request (its own budget, seed and stop tokens)."""
         hf = request.params.config
@@ -313,7 +304,6 @@ class OpenVINOEngine:
         for reason in getattr(result, "finish_reasons", None) or [None] * len(sequences):
             reasons.append("length" if reason == self._genai.GenerationFinishReason.LENGTH
                            else "stop" if reason == self._genai.GenerationFinishReason.STOP else None)
-        self.stats.generated_tokens += sum(map(len, sequences))
         return EngineOutput(sequences=sequences, finish_reasons=reasons)
 
     def run(self, requests: Sequence[Request], *, isolate_errors: bool = False

@@ -1,4 +1,4 @@
-"""How ``engine="auto"`` picks an engine: the HF engines' order, and when a call moves to a fast engine.
+"""When ``engine="auto"`` moves a call to a fast engine (the HF engines' order is the router's).
 
 A fast engine (OpenVINO, vLLM) loads its own runtime, which costs seconds to minutes, so whether it pays
 depends on the job. :func:`pick_fast_engine` weighs an estimate of the call's time on the HF engine
@@ -9,7 +9,6 @@ rerun of a killed job makes the same choice and resumes from the same stored ans
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -18,39 +17,6 @@ from ..memory import available_memory_bytes
 from . import engine_class
 
 logger = logging.getLogger("simple_generation")
-
-
-# "auto" prefers continuous batching for causal models: measured 2.57x plain HF batching on varied answer
-# lengths (1.65x static sorted batches), identical greedy answers (benchmarks/throughput.py, README).
-AUTO_CONTINUOUS = True
-
-
-def hf_auto_order(is_encoder_decoder: bool) -> list[str]:
-    """HF engines worth trying for this model, fastest first (each call falls back along the list)."""
-    if AUTO_CONTINUOUS and not is_encoder_decoder \
-            and importlib.util.find_spec("simple_generation.engines.continuous") is not None:
-        return ["continuous", "static"]
-    return ["static"]
-
-
-def choose_engine(requested: str, is_encoder_decoder: bool) -> tuple[list[str], str]:
-    """(HF engine names in order of preference, why) for the constructor's ``engine`` argument.
-
-    ``"auto"`` picks among the HF engines, which share the loaded model: continuous batching for
-    causal models (falling back to static batching, per call, for what it does not support), static
-    batching for encoder-decoders. On top of that, a large call may move to a fast engine: see
-    :func:`pick_fast_engine`. The constructor has already checked that a named engine exists and can run.
-    """
-    if requested == "auto":
-        order = hf_auto_order(is_encoder_decoder)
-        why = ("continuous batching for a causal model" if order[0] == "continuous"
-               else "static batching" + (" (encoder-decoder)" if is_encoder_decoder else ""))
-        return order, f"auto: {why}"
-    if requested == "continuous" and is_encoder_decoder:
-        raise ValueError("engine='continuous' runs causal (decoder-only) models; this is an encoder-decoder: use "
-                         "engine='static' or 'auto'.")
-    order = [requested] + (["static"] if requested == "continuous" else [])
-    return order, "requested"
 
 
 # --- fast engines under "auto" ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ sampled rows with a seed draw their own noise (:mod:`simple_generation.sampling`
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,10 +17,11 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from ..requests import EngineOutput, GenerationParams, Request, token_id_list
+from ..errors import BatchFailed
+from ..requests import EngineOutput, Request, token_id_list
 from ..sampling import SeededSampler, greedy_config
-from ..scheduling import BatchFailed, is_out_of_memory, release_memory
-from .base import EngineContext, EngineStats, input_device
+from ..scheduling import is_out_of_memory, release_memory
+from .base import EngineBase, EngineContext, EngineStats, input_device
 
 logger = logging.getLogger("simple_generation")
 
@@ -36,7 +38,7 @@ class RowBudgets(StoppingCriteria):
         return (generated >= self.budgets).to(input_ids.device)
 
 
-class StaticEngine:
+class StaticEngine(EngineBase):
     """Padded batches through ``model.generate``; see the module docstring.
 
     The façade sets ``batch_size``/``auto``/``sort`` before each call (:meth:`configure`).
@@ -44,6 +46,9 @@ class StaticEngine:
 
     name = "static"
     needs_hf_model = True
+    supports_encoder_decoder = True
+    supports_beam_search = True
+    supports_generate_kwargs = True  # model.generate takes them all
 
     def __init__(self, model, tokenizer, is_encoder_decoder: bool):
         self.model = model
@@ -63,20 +68,9 @@ class StaticEngine:
     def create(cls, context: EngineContext) -> StaticEngine:
         return cls(context.model, context.tokenizer, context.is_encoder_decoder)
 
-    @classmethod
-    def accepts_kwarg(cls, name: str) -> bool:
-        return False
-
-    @classmethod
-    def available(cls) -> str | None:
-        return None
-
     def configure(self, batch_size: int, auto: bool, sort: bool = True) -> None:
         self.batch_size, self.auto, self.sort = batch_size, auto, sort
         self.stats = EngineStats(batch_size=batch_size)
-
-    def unsupported(self, params: GenerationParams) -> str | None:
-        return None
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -105,20 +99,17 @@ class StaticEngine:
         params = requests[0].params
         n = params.num_return_sequences
         budgets = [r.max_new_tokens for r in requests]
-        config = params.config
         call_kwargs = dict(params.call_kwargs)
         seeded = params.sampled and params.num_beams == 1 and any(r.seed is not None for r in requests)
         # seeded sampling decodes greedily over its own noise; greedy decoding returns one sequence per row,
         # so the n sequences of a request become n rows here
         rows_per_request = n if seeded and n > 1 else 1
         inputs = self.pad([r.token_ids for r in requests for _ in range(rows_per_request)])
-        if seeded or max(budgets) != config.max_new_tokens:
-            import copy
-
-            config = greedy_config(config) if seeded else copy.deepcopy(config)
-            config.max_new_tokens = max(budgets)
-            if rows_per_request > 1:
-                config.num_return_sequences = 1
+        # the budget is the requests' own (capped to the context), never the parameters' requested one
+        config = greedy_config(params.config) if seeded else copy.deepcopy(params.config)
+        config.max_new_tokens = max(budgets)
+        if rows_per_request > 1:
+            config.num_return_sequences = 1
         stopping = []
         if len(set(budgets)) > 1:
             start = 1 if self.is_encoder_decoder else inputs["input_ids"].shape[1]

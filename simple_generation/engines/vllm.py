@@ -44,8 +44,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..requests import EngineOutput, GenerationParams, Request, token_id_list
-from .base import EngineContext, EngineStats, runtime_unsupported
+from ..requests import EngineOutput, Request, token_id_list
+from .base import EngineBase, EngineContext, EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +148,12 @@ def _spawn_safe_main():
                 setattr(main, name, value)
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """Requests through ``vllm.LLM``'s engine, each with its own ``SamplingParams``."""
 
     name = "vllm"
     needs_hf_model = False
+    unsupported_settings = _UNSUPPORTED_FIELDS
 
     @classmethod
     def available(cls) -> str | None:
@@ -230,10 +231,6 @@ class VLLMEngine:
                     "in-process" if self.in_process else "vLLM's processes")
 
     # -- parameters ---------------------------------------------------------------------------------
-    @classmethod
-    def unsupported(cls, params: GenerationParams) -> str | None:
-        return runtime_unsupported(params, "vLLM", _UNSUPPORTED_FIELDS)
-
     def sampling_params(self, request: Request):
         hf = request.params.config
         eos = token_id_list(hf.eos_token_id)
@@ -303,7 +300,6 @@ class VLLMEngine:
                 request = by_id.pop(output.request_id)
                 completions = sorted(output.outputs, key=lambda c: c.index)
                 sequences = [list(c.token_ids) for c in completions]
-                self.stats.generated_tokens += sum(map(len, sequences))
                 reasons = [c.finish_reason if c.finish_reason in ("stop", "length") else None for c in completions]
                 yield request, EngineOutput(sequences=sequences, finish_reasons=reasons)
 

@@ -13,9 +13,10 @@ Formats (by extension, case-insensitive; ``input_format=`` overrides, and is sni
 - a folder written by ``datasets``' ``save_to_disk`` (needs ``datasets``).
 
 Files are read as UTF-8 (a leading BOM is dropped). Every error names the file and its line (or row).
-Record keys that are generation parameters (``max_new_tokens``/``max_tokens``, ``temperature``,
-``top_p``, ``top_k``, ``min_p``, ``stop``, ``seed``, ``n``, ``do_sample``, ``repetition_penalty``) go to
-``params``; all other keys are carried unchanged in ``fields``.
+Record keys that are generation parameters (``max_new_tokens``/``max_tokens``/``max_completion_tokens``,
+``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``/``stop_strings``, ``seed``,
+``n``/``num_return_sequences``, ``do_sample``, ``repetition_penalty``: see
+:mod:`simple_generation.sampling_params`) go to ``params``; all other keys are carried unchanged in ``fields``.
 """
 
 from __future__ import annotations
@@ -31,20 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..sampling_params import SamplingParams
+from .formats import INPUT_FORMATS, input_format_of
 from .records import (
-    PARAM_ALIASES,
     InputError,
     InputRecord,
     OpenAIRequest,
     prompt_text,
     split_params,
     validate_messages,
-    validate_param,
 )
 
-FORMATS = ("txt", "jsonl", "json", "csv", "parquet", "dataset")
-_EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-               ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = INPUT_FORMATS  # ("txt", "jsonl", "json", "csv", "parquet", "dataset"): see .formats
 _BOM = b"\xef\xbb\xbf"
 
 # OpenAI Batch request bodies: keys we map, keys that change nothing here, keys that need a neutral value.
@@ -71,7 +70,7 @@ def detect_format(path: str | Path, input_format: str | None = None) -> str:
             return "dataset"
         raise InputError(f"{path}: a folder, but not one written by datasets' save_to_disk "
                          "(no dataset_info.json, state.json or dataset_dict.json).")
-    return _EXTENSIONS.get(path.suffix.lower(), "sniff")
+    return input_format_of(path) or "sniff"
 
 
 def _sniff(first_line: bytes) -> str:
@@ -216,7 +215,7 @@ def _openai_record(index: int, raw: dict, where: str) -> InputRecord:
             raise InputError(f"{where}: body.prompt must be a string (one prompt per request line), got {prompt!r}.")
     else:
         raise InputError(f"{where}: OpenAI batch request {custom_id!r} has neither body.messages nor body.prompt.")
-    params: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     for key, value in body.items():
         if key in _OPENAI_IGNORED:
             continue
@@ -228,12 +227,11 @@ def _openai_record(index: int, raw: dict, where: str) -> InputRecord:
         if key not in _OPENAI_PARAMS:
             raise InputError(f"{where}: request {custom_id!r}: body.{key} is not supported here; supported: "
                              f"{', '.join(sorted(_OPENAI_PARAMS | _OPENAI_IGNORED))}.")
-        if value is None:
-            continue
-        name = PARAM_ALIASES.get(key, key)
-        if name in params:
-            raise InputError(f"{where}: request {custom_id!r}: both max_tokens and max_completion_tokens are set.")
-        params[name] = validate_param(name, value, f"{where}: request {custom_id!r}")
+        given[key] = value
+    try:  # the same parameters, aliases and checks as a record's or a prompt's own
+        params = SamplingParams.from_dict(given, f"{where}: request {custom_id!r}", per_prompt=True).to_dict()
+    except ValueError as err:
+        raise InputError(str(err)) from None
     fields = {k: v for k, v in raw.items() if k not in ("custom_id", "body", "method", "url")}
     return InputRecord(index=index, prompt=prompt, params=params, fields=fields, custom_id=custom_id, source=where,
                        openai=request)

@@ -1,75 +1,20 @@
 """Input records, per-record parameters and output records (no torch, no transformers: cheap to import).
 
 An :class:`InputRecord` is one prompt read from a file: its position (``index``), the prompt (a string or
-a list of chat messages), its own generation parameters (``params``), every other field of the record
+a list of chat messages), its own generation parameters (``params``, by
+:class:`~simple_generation.sampling_params.SamplingParams` field names), every other field of the record
 (``fields``, carried unchanged into the output), an OpenAI Batch ``custom_id`` when there is one, and
 where it came from (``source``, ``"file:line"``) for error messages.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class InputError(ValueError):
-    """An input file or record that cannot be used; the message starts with ``file:line:``."""
-
-
-def normalize_stop(value: Any, where: str, error: type[ValueError] = ValueError) -> list[str] | None:
-    """``stop``/``stop_strings`` as a list of non-empty strings (None when not given)."""
-    if value is None:
-        return None
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
-        raise error(f"{where}: `stop` must be a string or a list of strings, got {value!r}.")
-    if any(v == "" for v in values):
-        raise error(f"{where}: an empty stop string would end every answer before it starts; remove it.")
-    return list(values)
-
-
-# Record keys that are generation parameters (canonical name -> kind). Aliases are mapped first.
-PARAM_KINDS: dict[str, str] = {
-    "max_new_tokens": "int>=1",
-    "temperature": "float>=0",
-    "top_p": "float(0,1]",
-    "top_k": "int>=0",
-    "min_p": "float[0,1]",
-    "stop": "stop",
-    "seed": "int",
-    "n": "int>=1",
-    "do_sample": "bool",
-    "repetition_penalty": "float>0",
-}
-PARAM_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-                 "num_return_sequences": "n", "stop_strings": "stop"}
-PARAM_KEYS = frozenset(PARAM_KINDS) | frozenset(PARAM_ALIASES)
-
-# transformers' GenerationConfig fields that change an answer (4.56-5.x), known without importing it: a record
-# key with one of these names (and not a per-record parameter) is refused rather than carried as metadata, and
-# --generation checks its keys against them (tests/test_hardening_cli.py keeps the list true).
-GENERATION_CONFIG_FIELDS = frozenset({
-    "assistant_confidence_threshold", "assistant_early_exit", "assistant_ensemble_weight", "assistant_lookbehind",
-    "bad_words_ids", "speculation_type", "target_lookbehind", "top_h", "use_mtp",
-    "begin_suppress_tokens", "bos_token_id", "cache_implementation", "constraints", "decoder_start_token_id",
-    "diversity_penalty", "do_sample", "dola_layers", "early_stopping", "encoder_no_repeat_ngram_size",
-    "encoder_repetition_penalty", "eos_token_id", "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty",
-    "force_words_ids", "forced_bos_token_id", "forced_eos_token_id", "guidance_scale", "length_penalty",
-    "low_memory", "max_length", "max_matching_ngram_size", "max_new_tokens", "max_time", "min_length",
-    "min_new_tokens", "min_p", "no_repeat_ngram_size", "num_assistant_tokens", "num_assistant_tokens_schedule",
-    "num_beam_groups", "num_beams", "num_return_sequences", "pad_token_id", "penalty_alpha",
-    "prompt_lookup_num_tokens", "remove_invalid_values", "renormalize_logits", "repetition_penalty",
-    "sequence_bias", "stop_strings", "suppress_tokens", "temperature", "token_healing", "top_k", "top_p",
-    "typical_p", "use_cache", "watermarking_config",
-})
-# Arguments of `model.generate` that are not GenerationConfig attributes.
-GENERATE_CALL_ARGS = frozenset({
-    "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
-    "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "tokenizer",
-    "assistant_tokenizer",
-})
+from ..errors import InputError
+from ..sampling_params import GENERATION_CONFIG_FIELDS, PER_PROMPT_KEYS, SamplingParams
 
 # Names of the output record's own columns; a carried field with one of these names is kept as `input_<name>`.
 OUTPUT_KEYS = ("index", "prompt", "answer", "finish_reason", "prompt_tokens", "completion_tokens", "error",
@@ -103,78 +48,34 @@ class InputRecord:
     openai: OpenAIRequest | None = None
 
 
-def _number(value: Any, *, integer: bool, where: str, key: str, from_text: bool) -> int | float:
-    if from_text and isinstance(value, str):
-        text = value.strip()
-        try:
-            value = int(text) if integer else float(text)
-        except ValueError:
-            raise InputError(f"{where}: `{key}` must be {'an integer' if integer else 'a number'}, "
-                             f"got {value!r}.") from None
-    if integer and isinstance(value, float) and value.is_integer():
-        value = int(value)  # 20.0 from a CSV/parquet float column
-    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
-        raise InputError(f"{where}: `{key}` must be {'an integer' if integer else 'a number'}, got {value!r}.")
-    if not integer and not math.isfinite(value):
-        raise InputError(f"{where}: `{key}` must be a finite number, got {value!r}.")
-    return value
-
-
-def validate_param(key: str, value: Any, where: str, *, from_text: bool = False) -> Any:
-    """Check one per-record parameter (canonical ``key``); return its value, converted from text for CSV."""
-    kind = PARAM_KINDS[key]
-    if kind == "stop":
-        if from_text and isinstance(value, str) and value.startswith("["):
-            import json
-
-            try:
-                value = json.loads(value)
-            except ValueError:
-                pass
-        return normalize_stop(value, where, InputError)
-    if kind == "bool":
-        if from_text and isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-            return value.strip().lower() in ("true", "1")
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: `{key}` must be true or false, got {value!r}.")
-        return value
-    number = _number(value, integer=kind.startswith("int"), where=where, key=key, from_text=from_text)
-    bad = {
-        "int>=1": number < 1, "int>=0": number < 0, "int": False, "float>=0": number < 0,
-        "float(0,1]": not 0 < number <= 1, "float[0,1]": not 0 <= number <= 1, "float>0": number <= 0,
-    }[kind]
-    if bad:
-        bounds = {"int>=1": ">= 1", "int>=0": ">= 0", "float>=0": ">= 0", "float(0,1]": "in (0, 1]",
-                  "float[0,1]": "in [0, 1]", "float>0": "> 0"}[kind]
-        raise InputError(f"{where}: `{key}` must be {bounds}, got {value!r}.")
-    return number
-
-
 def split_params(record: Mapping[str, Any], where: str, *, from_text: bool = False,
                  exclude: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A record's generation parameters (validated, canonical names) and its other fields.
+    """A record's generation parameters and its other fields.
 
-    Missing values (``None``, or an empty CSV cell) are "not set".
+    The parameters are the record's :data:`~simple_generation.sampling_params.PER_PROMPT_KEYS`, checked by
+    :class:`~simple_generation.sampling_params.SamplingParams` and given by their canonical names
+    (``SamplingParams.to_dict()``: ``n`` becomes ``num_return_sequences``, ``stop`` ``stop_strings``). Missing
+    values (``None``, or an empty CSV cell) are "not set". Any other ``GenerationConfig`` field is refused
+    (set it for the whole run); every other key is a carried field.
     """
-    params: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     fields: dict[str, Any] = {}
     for key, value in record.items():
         if key in exclude:
             continue
-        if key not in PARAM_KEYS:
-            if key in GENERATION_CONFIG_FIELDS:
-                raise InputError(f"{where}: `{key}` is a generation setting that cannot be set per record (per-record "
-                                 f"parameters: {', '.join(sorted(PARAM_KEYS))}); set it for the whole run "
-                                 f"(--generation {key}=...) or rename the field.")
+        if key in PER_PROMPT_KEYS:
+            given[key] = value
+        elif key in GENERATION_CONFIG_FIELDS:
+            raise InputError(f"{where}: `{key}` is a generation setting that cannot be set per record (per-record "
+                             f"parameters: {', '.join(sorted(PER_PROMPT_KEYS))}); set it for the whole run "
+                             f"(--generation {key}=...) or rename the field.")
+        else:
             fields[key] = value
-            continue
-        if value is None or (from_text and value == ""):
-            continue
-        name = PARAM_ALIASES.get(key, key)
-        if name in params:
-            raise InputError(f"{where}: both {key!r} and another name for `{name}` are set; keep one.")
-        params[name] = validate_param(name, value, where, from_text=from_text)
-    return params, fields
+    try:
+        params = SamplingParams.from_dict(given, where, from_text=from_text, per_prompt=True)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    return params.to_dict(), fields
 
 
 def lone_surrogate(text: str) -> int | None:
@@ -246,7 +147,8 @@ def output_record(record: InputRecord, result: Any = None, *, duplicate_of: int 
     ``completion_tokens``, ``error`` (None when fine), and ``duplicate_of`` when it was not generated because
     it is a near-duplicate of an earlier record.
 
-    ``result`` is a ``GenerationResult`` (or a mapping with the same names); None with ``duplicate_of``.
+    ``result`` is a ``GenerationResult`` (or a mapping with some of its names, e.g. ``{"error": ...}``); None
+    with ``duplicate_of``.
     """
     out: dict[str, Any] = {}
     for key, value in record.fields.items():
@@ -259,19 +161,19 @@ def output_record(record: InputRecord, result: Any = None, *, duplicate_of: int 
         out.update(answer=None, finish_reason=None, prompt_tokens=None, completion_tokens=None, error=None)
     else:
         error = _get(result, "error")
-        texts = _get(result, "texts")
-        reasons = _get(result, "finish_reasons")
-        many = texts is not None and len(texts) > 1
-        if error is not None:
+        outputs = _get(result, "outputs") or []
+        many = len(outputs) > 1
+        if error is not None or not outputs:
             answer = None
         elif many:
-            answer = list(texts)
+            answer = [output.text for output in outputs]
         else:
-            answer = _get(result, "text")
-            if answer is None and texts:
-                answer = texts[0]
+            answer = outputs[0].text
         out["answer"] = answer
-        out["finish_reason"] = (list(reasons) if many and reasons is not None else _get(result, "finish_reason"))
+        if many:
+            out["finish_reason"] = [output.finish_reason for output in outputs]
+        else:
+            out["finish_reason"] = outputs[0].finish_reason if outputs else None
         out["prompt_tokens"] = _get(result, "prompt_tokens")
         out["completion_tokens"] = _get(result, "completion_tokens")
         out["error"] = error

@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-OUTPUT_FORMATS = ("jsonl", "csv", "parquet", "openai-batch")
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet",
-               ".pq": "parquet"}
+from .formats import OUTPUT_FORMATS, output_format_of
 
 
 def _escape(text: str) -> str:
@@ -55,7 +53,7 @@ def output_format_for(path: str | Path | None, output_format: str | None = None)
         return output_format
     if path is None or str(path) == "-":
         return "jsonl"
-    return _EXTENSIONS.get(Path(path).suffix.lower(), "jsonl")
+    return output_format_of(path) or "jsonl"
 
 
 def _short_hash(*parts: Any, size: int = 12) -> str:
@@ -209,27 +207,15 @@ class OrderedWriter:
     def _flush_parquet(self) -> None:
         if not self._rows:
             return
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         rows = [{_escape(str(k)): _parquet_value(v) for k, v in row.items()} for row in self._rows]
         self._rows = []
+        table = parquet_table(rows, self._schema)
         if self._schema is None:
-            table = pa.Table.from_pylist(rows)
-            fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]
-            self._schema = pa.schema(fields)
+            self._schema = table.schema
             self._parquet = pq.ParquetWriter(str(self._partial), self._schema)
-        columns = self._schema.names
-        data = {}
-        for name, arrow_field in zip(columns, self._schema):
-            values = [row.get(name) for row in rows]
-            if pa.types.is_string(arrow_field.type):
-                values = [v if v is None or isinstance(v, str) else _escape(json.dumps(v, ensure_ascii=False))
-                          for v in values]
-            elif pa.types.is_list(arrow_field.type):
-                values = [v if v is None or isinstance(v, list) else [v] for v in values]
-            data[name] = values
-        self._parquet.write_table(pa.Table.from_pydict(data, schema=self._schema))
+        self._parquet.write_table(table)
 
     def close(self) -> None:
         """Write what can be written (a gap stays a gap: buffered later records are not written) and close."""
@@ -250,6 +236,45 @@ class OrderedWriter:
             else:
                 self._file.close()
             self._file = None
+
+
+def parquet_table(rows: list[dict[str, Any]], schema: Any = None) -> Any:
+    """Records as one Arrow table, whatever their values' types (the one place mixed columns are handled).
+
+    Without ``schema`` (a file's first row group): a column per key seen in any row, in first-seen order; a
+    column whose values mix types (a string answer and a list of answers) holds them as JSON text; a column of
+    nulls only is a string column. With ``schema`` (the later row groups of the same file): the values are
+    fitted to it (non-strings in a string column as JSON text, a scalar in a list column as a one-item list);
+    keys the schema lacks are left out.
+
+    Example:
+        >>> parquet_table([{"answer": "a"}, {"answer": ["b", "c"]}]).column("answer").to_pylist()
+        ['a', '["b", "c"]']
+    """
+    import pyarrow as pa
+
+    if schema is None:
+        names: dict[str, None] = {}
+        for row in rows:
+            names.update(dict.fromkeys(row))
+        fields = []
+        for name in names:
+            try:
+                kind = pa.array([row.get(name) for row in rows]).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types (e.g. str and list): kept as JSON text
+                kind = pa.string()
+            fields.append(pa.field(name, pa.string() if pa.types.is_null(kind) else kind))
+        schema = pa.schema(fields)
+    data = {}
+    for arrow_field in schema:
+        values = [row.get(arrow_field.name) for row in rows]
+        if pa.types.is_string(arrow_field.type) or pa.types.is_large_string(arrow_field.type):
+            values = [v if v is None or isinstance(v, str) else _escape(json.dumps(v, ensure_ascii=False, default=str))
+                      for v in values]
+        elif pa.types.is_list(arrow_field.type):
+            values = [v if v is None or isinstance(v, list) else [v] for v in values]
+        data[arrow_field.name] = values
+    return pa.Table.from_pydict(data, schema=schema)
 
 
 def _cell(value: Any) -> Any:
