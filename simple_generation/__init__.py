@@ -15,6 +15,7 @@ __version__ = "1.0.0"
 
 _EXPORTS = {
     "BatchGenerationError": ".errors",
+    "Choice": ".scoring",
     "CompletionOutput": ".results",
     "DefaultGenerationConfig": ".config",
     "DistributedGenerationError": ".errors",
@@ -24,7 +25,10 @@ _EXPORTS = {
     "ResultStore": ".store",
     "RunSummary": ".results",
     "SamplingParams": ".sampling_params",
+    "Score": ".scoring",
     "SimpleGenerator": ".generator",
+    "TokenLogprob": ".results",  # feature: logprobs
+    "TopLogprob": ".results",
     "available_system_prompts": ".templates",
     "render_conversation": ".templates",
 }
@@ -54,8 +58,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         ModelLoadError,
     )
     from .generator import SimpleGenerator  # noqa: F401
-    from .results import CompletionOutput, GenerationResult, RunSummary  # noqa: F401
+    from .results import CompletionOutput, GenerationResult, RunSummary, TokenLogprob, TopLogprob  # noqa: F401
     from .sampling_params import SamplingParams  # noqa: F401
+    from .scoring import Choice, Score  # noqa: F401
     from .store import ResultStore  # noqa: F401
     from .templates import available_system_prompts, render_conversation  # noqa: F401
 

@@ -24,7 +24,7 @@ from .defaults import BATCH_DEFAULTS
 from .errors import Terminated as _Terminated
 from .errors import UsageError
 
-SUBCOMMANDS = ("run", "dedup", "chat")
+SUBCOMMANDS = ("run", "dedup", "chat", "score")
 EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
 # Options users type from other tools, and ours (argparse's own suggestions come with Python 3.14).
 _OPTION_ALIASES = {"--max-tokens": "--max-new-tokens", "--max-length": "--max-new-tokens",
@@ -156,6 +156,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--system-prompt", metavar="NAME", help="named chat template, e.g. llama-2, vicuna_v1.1")
     group.add_argument("--system-message", help="system message for the template")
     group.add_argument("--chat-template", action="store_true", help="use the tokenizer's own chat template")
+    group.add_argument("--reasoning-markers", nargs="+", metavar="MARKER",  # feature: reasoning
+                       help='reasoning models: each answer\'s reasoning block goes to the records\' `reasoning` field: '
+                            '"auto" (default: <think> </think> when the tokenizer has them), "none" (off), or '
+                            'OPENING CLOSING')
     group.add_argument("--no-emissions", action="store_true", help="don't write emissions.csv")
     group.add_argument("--emissions-dir", default=".", help="where emissions.csv goes")
     group.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
@@ -180,12 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "  simple-generation run MODEL --input prompts.jsonl --output answers.jsonl\n"
                     "  simple-generation MODEL --prompt 'Hello'          (same as run)\n"
                     "  simple-generation dedup prompts.jsonl --threshold 0.9\n"
-                    "  simple-generation chat MODEL --port 7860",
+                    "  simple-generation chat MODEL --port 7860\n"
+                    "  simple-generation score MODEL --input pairs.jsonl --output scores.jsonl",
         epilog="Exit codes: 0 done, 1 runtime error, 2 usage/input error (nothing loaded), 3 some prompts failed "
                "(see their records), 130 interrupted, 143 terminated (rerun the same command to resume).",
     )
     parser.add_argument("--version", action="version", version=f"simple-generation {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,dedup,chat}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{run,dedup,chat,score}", parser_class=_Parser)
 
     run = commands.add_parser("run", help="generate answers for prompts or a file (the default command)",
                               formatter_class=_HelpFormatter,
@@ -235,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_integer,
                      help="sampling seed: an answer depends only on (prompt, parameters, seed) (default: none, "
                           "torch's global generator)")
+    # feature: logprobs
+    gen.add_argument("--logprobs", type=_non_negative_int, metavar="K",
+                     help="write each generated token's log-probability and the K most likely alternatives "
+                          "(0: the chosen token's only) into the records' `logprobs` field")
+    gen.add_argument("--prompt-logprobs", type=_non_negative_int, metavar="K",
+                     help="the same for the prompt's tokens (`prompt_logprobs` field)")
     gen.add_argument("--generation", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="any other generation setting, the value parsed as JSON (repeatable), "
                           "e.g. repetition_penalty=1.1")
@@ -277,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--max-upload-mb", type=float, default=25.0, metavar="MB",
                      help="largest file the batch tab accepts, in megabytes")
     chat.set_defaults(func=cmd_chat)
-    for command in (parser, run, dedup, chat):
+    score = _add_score_parser(commands)
+    for command in (parser, run, dedup, chat, score):
         for action in command._actions:
             _ALL_OPTIONS.update(o for o in action.option_strings if o.startswith("--"))
     return parser
@@ -500,6 +512,15 @@ def _generator_kwargs(args: argparse.Namespace, *, torch_dtype: bool = True) -> 
     for flag in ("trust_remote_code", "load_in_8bit", "load_in_4bit"):
         if getattr(args, flag):
             kwargs[flag] = True
+    markers = getattr(args, "reasoning_markers", None)  # feature: reasoning
+    if markers is not None:
+        if len(markers) == 1 and markers[0] in ("auto", "none"):
+            kwargs["reasoning_markers"] = None if markers[0] == "none" else "auto"
+        elif len(markers) == 2:
+            kwargs["reasoning_markers"] = tuple(markers)
+        else:
+            raise UsageError('--reasoning-markers takes "auto", "none" or two markers (OPENING CLOSING), got '
+                             f"{' '.join(markers)!r}.")
     if args.dtype:
         if args.dtype == "auto" or not torch_dtype:
             kwargs["dtype"] = args.dtype
@@ -516,6 +537,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     values = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "top_k": args.top_k, "num_beams": args.num_beams, "num_return_sequences": args.num_return_sequences}
+    values.update(logprobs=getattr(args, "logprobs", None),  # feature: logprobs
+                  prompt_logprobs=getattr(args, "prompt_logprobs", None))
     generation = {k: v for k, v in values.items() if v is not None}
     flags = set(generation)
     for key, value in args.generation:
@@ -774,6 +797,147 @@ def cmd_dedup(args: argparse.Namespace) -> int:
             out.close()
     print(f"simple-generation: {len(records)} records, {len(found)} near-duplicate(s) at threshold "
           f"{args.threshold}" + (f"; report in {args.output}" if args.output else ""), file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- score (feature: scoring)
+def _add_score_parser(commands) -> argparse.ArgumentParser:
+    score = commands.add_parser(
+        "score", help="log-likelihood of given continuations, or multiple choice", formatter_class=_HelpFormatter,
+        description="One output record per input record, in order. A record with context and continuation gets "
+                    "its score (logprob, token_logprobs, num_tokens, is_greedy); one with prompt and choices (a "
+                    "list of strings) gets the best choice by sum (best), per token (best_per_token) and per byte "
+                    "(best_per_byte), and every choice's score. With --output, scores go to a store "
+                    "(<output>.sqlite): a rerun resumes.")
+    _add_model_options(score)
+    group = score.add_argument_group("input and output")
+    group.add_argument("--input", metavar="FILE", required=True,
+                       help="records: .jsonl, .json, .csv (choices as a JSON list), .parquet, a datasets folder, "
+                            "or - for stdin")
+    group.add_argument("--input-format", choices=("jsonl", "json", "csv", "parquet", "dataset"),
+                       help="input format (default: from the extension; sniffed for stdin)")
+    group.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N records (at least 1)")
+    group.add_argument("--output", metavar="FILE", help="where the records go (default: stdout)")
+    group.add_argument("--output-format", choices=("jsonl", "csv", "parquet"),
+                       help="output format (default: from the --output extension, else jsonl)")
+    group.add_argument("--store", metavar="PATH",
+                       help="SQLite store of finished scores (default: <output>.sqlite when --output is given)")
+    group.add_argument("--no-store", action="store_true", help="keep no store (a rerun starts over)")
+    group.add_argument("--apply-template", action="store_true",
+                       help="format each context with --system-prompt/--chat-template first (default: raw text)")
+    group.add_argument("--batch-size", type=_batch_size, default="auto", help='an integer or "auto"')
+    group.add_argument("--starting-batch-size", type=_positive_int, help='first batch size tried by "auto"')
+    group.add_argument("--window-size", type=_positive_int, default=10_000, metavar="N",
+                       help="records scored (and written) at a time")
+    score.set_defaults(func=cmd_score)
+    return score
+
+
+def _score_item(where: str, raw: Any) -> tuple[str, list[str]] | tuple[str, str]:
+    """(context, continuation) or (prompt, [choice, ...]) of one score record; InputError naming it."""
+    from .io import InputError
+
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: expected an object with context/continuation or prompt/choices, got "
+                         f"{type(raw).__name__}.")
+    if "context" in raw or "continuation" in raw:
+        context, continuation = raw.get("context"), raw.get("continuation")
+        if not isinstance(context, str) or not isinstance(continuation, str) or not continuation:
+            raise InputError(f"{where}: context must be a string and continuation a non-empty string.")
+        return context, continuation
+    if "prompt" in raw and "choices" in raw:
+        prompt, choices = raw["prompt"], raw["choices"]
+        if isinstance(choices, str):  # a CSV cell
+            try:
+                choices = json.loads(choices)
+            except ValueError:
+                choices = None
+        if not isinstance(prompt, str) or not isinstance(choices, list) or not choices \
+                or not all(isinstance(c, str) and c for c in choices):
+            raise InputError(f"{where}: prompt must be a string and choices a non-empty list of non-empty strings.")
+        return prompt, choices
+    raise InputError(f"{where}: a score record needs context and continuation, or prompt and choices; its fields: "
+                     f"{', '.join(map(str, raw)) or 'none'}.")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    if args.input != "-" and not Path(args.input).expanduser().exists():
+        raise UsageError(f"--input {args.input}: no such file or folder.")
+    if args.output == "-":
+        args.output = None
+    if args.output:
+        if args.input != "-" and _same_file(args.output, args.input):
+            raise UsageError(f"--output {args.output} is the input file; refusing to overwrite it.")
+        if _is_sqlite(args.output):
+            raise UsageError(f"--output {args.output} is a SQLite database (a store?); refusing to overwrite it.")
+        _check_writable(args.output, "--output")
+    from .io.writers import output_format_for
+
+    fmt = output_format_for(args.output, args.output_format)
+    if fmt not in ("jsonl", "csv", "parquet"):
+        raise UsageError(f"score writes jsonl, csv or parquet, not {fmt}.")
+    if fmt == "parquet" and not args.output:
+        raise UsageError("parquet output needs --output FILE.parquet (not stdout).")
+    if args.no_store and args.store:
+        raise UsageError("pass either --store or --no-store.")
+    if args.store:
+        _check_writable(args.store, "--store")
+    _check_model_options(args)
+    _setup_logging(args.quiet)
+    from .io import InputError
+    from .io.readers import read_rows
+
+    items, errors = [], []
+    try:
+        for where, raw in read_rows(args.input, input_format=args.input_format, limit=args.limit):
+            try:
+                items.append((raw, _score_item(where, raw)))
+            except InputError as err:
+                errors.append(str(err))
+    except InputError as err:
+        errors.append(str(err))
+    for line in errors[:20]:
+        print(f"simple-generation: error: {line}", file=sys.stderr)
+    if errors:
+        return EXIT_USAGE
+    store = _open_store(args)  # checked before the output is touched and before the model loads
+    try:
+        return _score(args, items, store, fmt)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _score(args: argparse.Namespace, items: list, store, fmt: str) -> int:
+    from .generator import SimpleGenerator
+    from .io import OrderedWriter
+    from .scoring import choose_from
+
+    generator = SimpleGenerator(args.model, **_generator_kwargs(args))
+    options = {"batch_size": args.batch_size, "starting_batch_size": args.starting_batch_size, "store": store,
+               "apply_template": args.apply_template, "show_progress_bar": not args.quiet}
+    with OrderedWriter(args.output, fmt, model=args.model) as writer:
+        for start in range(0, len(items), args.window_size):
+            window = items[start:start + args.window_size]
+            contexts, continuations = [], []
+            for _, (context, rest) in window:
+                for continuation in [rest] if isinstance(rest, str) else rest:
+                    contexts.append(context)
+                    continuations.append(continuation)
+            scores = generator.score(contexts, continuations, **options) if contexts else []
+            at = 0
+            for offset, (raw, (_, rest)) in enumerate(window):
+                if isinstance(rest, str):
+                    result = scores[at].to_dict()
+                    at += 1
+                else:
+                    choice = choose_from(scores[at:at + len(rest)], rest)
+                    at += len(rest)
+                    result = {"best": choice.best, "best_per_token": choice.best_per_token,
+                              "best_per_byte": choice.best_per_byte, "logprobs": [s.logprob for s in choice.scores],
+                              "scores": [s.to_dict() for s in choice.scores]}
+                writer.add(start + offset, {"index": start + offset, **raw, **result})
+    logger.info("%d records scored -> %s.", len(items), args.output or "stdout")
     return 0
 
 

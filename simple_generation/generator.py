@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DefaultGenerationConfig
+from .constrained import model_vocab_size  # feature: structured output
 from .conversation import Conversation
 from .distributed import current_distribution
 from .emissions import track_emissions as emissions_tracker
@@ -35,10 +37,11 @@ from .pipeline import (
     run_local,
     summarize,
 )
-from .postprocess import PostProcessor
+from .postprocess import PostProcessor, resolve_reasoning_markers, special_marker_tokens
 from .results import GenerationResult, RunSummary
 from .sampling_params import value_of
 from .scheduling import resolve_batch_size
+from .scoring import Choice, Score, choose_from, score_pairs
 from .store import ResultStore
 from .templates import Template, get_template
 
@@ -77,6 +80,10 @@ class SimpleGenerator:
             (OpenVINO, vLLM) whenever the call's estimated time on the HF engines is at least this many
             seconds (0: always; ``float("inf")``: never). Default None: when the fast engine's start-up
             plus its time at least halves the estimate (see the README's Engines).
+        reasoning_markers: ``"auto"`` (default: ``("<think>", "</think>")`` when the tokenizer's chat template
+            or vocabulary has them, as Qwen3's and DeepSeek-R1's do, else off), None (off) or an
+            ``(opening, closing)`` pair: each answer's reasoning block goes to ``result.reasoning`` and the text
+            keeps the answer after it (see the README's Reasoning models). A call may pass its own.
         **model_kwargs: for ``from_pretrained`` (or the engine's own options, e.g. vLLM's
             ``tensor_parallel_size``); ``load_in_8bit``/``load_in_4bit`` become a
             ``BitsAndBytesConfig``.
@@ -100,6 +107,7 @@ class SimpleGenerator:
         generation_defaults: DefaultGenerationConfig | None = None,
         engine: str = "auto",
         fast_engine_after_s: float | None = None,
+        reasoning_markers: str | tuple[str, str] | None = "auto",
         **model_kwargs: Any,
     ):
         if "system_prompts" in model_kwargs:  # the original README's spelling
@@ -185,6 +193,10 @@ class SimpleGenerator:
         )
         self.track_emissions = track_emissions
         self.emissions_dir = emissions_dir
+        # feature: reasoning: the model's markers; special-token markers are written out when decoding, so the
+        # stored (raw) text keeps the block and any markers can split it later
+        self.reasoning_markers = resolve_reasoning_markers(reasoning_markers, self.tokenizer)
+        self._shown_special = special_marker_tokens(self.tokenizer, self.reasoning_markers)
         self.defaults = generation_defaults or DefaultGenerationConfig()
         self._model_generation_config = model_generation_config
         self.context_length = context_length(self.config)
@@ -201,7 +213,11 @@ class SimpleGenerator:
     def _identity(self, family: str) -> str:
         """The model identity in store keys for answers of this engine family ("hf", "vllm", "openvino")."""
         if family not in self._identities:  # once per family (files are hashed once, then cached)
-            self._identities[family] = self._identity_of(family=family)
+            identity = self._identity_of(family=family)
+            if self._shown_special:  # feature: reasoning: special markers written out change the stored text
+                identity = json.dumps({**json.loads(identity), "shown_special": sorted(self._shown_special.values())},
+                                      sort_keys=True)
+            self._identities[family] = identity
         return self._identities[family]
 
     # ------------------------------------------------------------------ inputs
@@ -228,6 +244,19 @@ class SimpleGenerator:
             apply_chat_template=options.get("apply_chat_template", current.apply_chat_template),
             add_generation_prompt=options.get("add_generation_prompt", current.add_generation_prompt),
         )
+
+    def _reasoning_for_call(self, generation_kwargs: dict[str, Any]) -> tuple[str, str] | None:
+        """The call's ``reasoning_markers`` (popped; default: the generator's). Not a generation parameter: the
+        split is made on the raw text as answers leave the pipeline, so it never changes a store key."""
+        if "reasoning_markers" not in generation_kwargs:
+            return self.reasoning_markers
+        markers = resolve_reasoning_markers(generation_kwargs.pop("reasoning_markers"), self.tokenizer)
+        hidden = set(special_marker_tokens(self.tokenizer, markers).values()) - set(self._shown_special.values())
+        if hidden:
+            raise ValueError(f"reasoning_markers {markers!r}: {sorted(hidden)} are special tokens of this tokenizer, "
+                             "dropped from decoded text unless the generator writes them out: pass them to "
+                             "SimpleGenerator(..., reasoning_markers=...) instead of to the call.")
+        return markers
 
     def _start_empty_prompts(self, token_ids: list[list[int]]) -> list[list[int]]:
         """A prompt with no tokens starts from BOS, as ``model.generate()`` without inputs does."""
@@ -347,6 +376,7 @@ class SimpleGenerator:
             The other arguments are those of ``__call__``.
         """
         formatter = self._formatter_for_call(generation_kwargs)
+        reasoning = self._reasoning_for_call(generation_kwargs)  # feature: reasoning
         inputs = validate_inputs(texts)
         own_store = isinstance(store, (str, os.PathLike))
         store_obj = ResultStore(store) if own_store else store
@@ -360,7 +390,9 @@ class SimpleGenerator:
                 is_encoder_decoder=self.is_encoder_decoder, truncate=truncate_prompts, on_error=on_error,
                 dedup=dedup, near_duplicates=near_duplicates, store=store_obj, router=self.router,
                 model_identity=self._identity, skip_prompt=skip_prompt,
-                postprocessor=PostProcessor(self.tokenizer, self.is_encoder_decoder, formatter.stop_token_ids),
+                postprocessor=PostProcessor(self.tokenizer, self.is_encoder_decoder, formatter.stop_token_ids,
+                                            shown_special=self._shown_special, reasoning_markers=reasoning),
+                vocab_size=model_vocab_size(self.config),  # feature: structured output
             )
             requests = plan.to_generate()
             engine, why = plan.engine, plan.engine_reason
@@ -558,6 +590,73 @@ class SimpleGenerator:
                         "context (%d tokens) so that the later turns still fit.",
                         sum(b is not None for b in budgets), self.context_length)
         return budgets
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, contexts: str | Sequence[str], continuations: str | Sequence[str], **options: Any
+              ) -> Score | list[Score]:
+        """The log-likelihood of each continuation given its context (lm-evaluation-harness's ``loglikelihood``):
+        per pair a :class:`~simple_generation.scoring.Score` (``logprob`` summed, ``token_logprobs``,
+        ``num_tokens``, ``is_greedy``), in input order. Contexts are scored as given (raw text);
+        ``apply_template=True`` formats them with the generator's template or chat template first.
+
+        Two strings give one Score; one context and a list of continuations, or two lists of equal length,
+        give a list. Options: ``batch_size``, ``starting_batch_size``, ``store`` (a SQLite file: scores are
+        kept and a rerun reads them back), ``apply_template``, ``show_progress_bar``. Runs on the HF model, or
+        on vLLM (``prompt_logprobs``) for a generator loaded with ``engine="vllm"``. See
+        :mod:`simple_generation.scoring`.
+
+        Example:
+            >>> gen.score("The capital of France is", " Paris").logprob             # doctest: +SKIP
+        """
+        single = isinstance(contexts, str) and isinstance(continuations, str)
+        if isinstance(continuations, str):
+            continuations = [continuations]
+        if isinstance(contexts, str):
+            contexts = [contexts] * len(continuations)
+        scores = self._score_pairs(list(contexts), list(continuations), **options)
+        return scores[0] if single else scores
+
+    def choose(self, prompts: str | Sequence[str], options: Sequence[str] | Sequence[Sequence[str]],
+               **score_options: Any) -> Choice | list[Choice]:
+        """Multiple choice: score every option as a continuation of the prompt; a
+        :class:`~simple_generation.scoring.Choice` with the best by sum (``best``, lm-eval's ``acc``), per
+        token (``best_per_token``) and per byte (``best_per_byte``, ``acc_norm``-style), and every score.
+        Options are continuations as given: most tasks want a leading space (``" Paris"``). A list of prompts
+        with a list of options each gives a list of Choices, all scored in one batched call. Takes the
+        options of :meth:`score`.
+
+        Example:
+            >>> gen.choose("The capital of France is", [" Paris", " Rome"]).best   # doctest: +SKIP
+            0
+        """
+        single = isinstance(prompts, str)
+        per_prompt = [list(options)] if single else [list(o) for o in options]
+        prompt_list = [prompts] if single else list(prompts)
+        if len(prompt_list) != len(per_prompt):
+            raise ValueError(f"{len(prompt_list)} prompts but {len(per_prompt)} option lists: give one each.")
+        for i, choices in enumerate(per_prompt):
+            if not choices or not all(isinstance(c, str) for c in choices):
+                raise TypeError(f"options[{i}] must be a non-empty list of strings" +
+                                (" (one prompt: choose(prompt, [option, ...]))" if single else "") + ".")
+        contexts = [p for p, choices in zip(prompt_list, per_prompt) for _ in choices]
+        scores = self._score_pairs(contexts, [c for choices in per_prompt for c in choices], **score_options)
+        choices_out, at = [], 0
+        for choices in per_prompt:
+            choices_out.append(choose_from(scores[at:at + len(choices)], choices))
+            at += len(choices)
+        return choices_out[0] if single else choices_out
+
+    def _score_pairs(self, contexts: list[str], continuations: list[str], *, apply_template: bool = False,
+                     store: str | os.PathLike | ResultStore | None = None, batch_size: int | str = "auto",
+                     starting_batch_size: int | None = None, show_progress_bar: bool = False) -> list[Score]:
+        formatter = self.formatter
+        family = "hf" if self.model is not None else family_of(self.engine)  # the runtime that computes the scores
+        return score_pairs(
+            self.model, self.tokenizer, contexts, continuations, is_encoder_decoder=self.is_encoder_decoder,
+            context_length=self.context_length,
+            format_context=(lambda text: str(formatter.format_one(text))) if apply_template else None,
+            model_identity=self._identity(family), store=store, batch_size=batch_size,
+            starting_batch_size=starting_batch_size, show_progress_bar=show_progress_bar, engine=self.engine)
 
     # ------------------------------------------------------------------ web app
     def chat_app(self):

@@ -253,6 +253,7 @@ def run_job(generator: Any, source: Any, writer: Any, options: JobOptions | None
     if own_store:
         store = open_store(store)
     accounts = _Accounts(options, summary)
+    reasoning = _uses_reasoning(generator, options.generation)  # feature: reasoning: a `reasoning` field
     skip_prompt = options.skip_prompt or options.output_format == "openai-batch"
     call: dict[str, Any] = dict(store=store, on_error=options.on_error, batch_size=options.batch_size,
                                 show_progress_bar=options.show_progress, truncate_prompts=options.truncate_prompts,
@@ -276,13 +277,13 @@ def run_job(generator: Any, source: Any, writer: Any, options: JobOptions | None
             for record in window:
                 problem = None if record.index in near else prompt_problem(record.prompt)
                 if record.index in near:
-                    write(record, output_record(record, duplicate_of=near[record.index]))
+                    write(record, output_record(record, duplicate_of=near[record.index], reasoning=reasoning))
                     accounts.tick()
                 elif problem is not None:
                     if options.on_error == "raise":
                         raise InputError(f"{record.source}: {problem}")
                     failed(record, problem)
-                    write(record, output_record(record, {"error": problem}))
+                    write(record, output_record(record, {"error": problem}, reasoning=reasoning))
                     accounts.tick()
                 else:
                     todo.append(record)
@@ -293,7 +294,7 @@ def run_job(generator: Any, source: Any, writer: Any, options: JobOptions | None
                                            **call, skip_prompt=group_skip_prompt, plain_prompts=plain)
                 for result in results:
                     record = group[result.index]
-                    out = output_record(record, result)
+                    out = output_record(record, result, reasoning=reasoning)
                     if out["error"] is not None:
                         failed(record, str(out["error"]))
                     write(record, out)
@@ -304,6 +305,20 @@ def run_job(generator: Any, source: Any, writer: Any, options: JobOptions | None
             store.close()
         summary.wall_time_s = time.perf_counter() - accounts.started
     return summary
+
+
+def _uses_reasoning(generator: Any, generation: dict[str, Any]) -> bool:
+    """Whether the run splits reasoning off (its records then get a ``reasoning`` field): the call's
+    ``reasoning_markers``, else the generator's (``SimpleGenerator.reasoning_markers``, detected from the model)."""
+    if "reasoning_markers" not in generation:
+        return getattr(generator, "reasoning_markers", None) is not None
+    markers = generation["reasoning_markers"]
+    if markers == "auto":
+        from .postprocess import detect_reasoning_markers  # here: jobs.py stays torch-free to import
+
+        tokenizer = getattr(generator, "tokenizer", None)
+        return tokenizer is not None and detect_reasoning_markers(tokenizer) is not None
+    return markers is not None and markers is not False
 
 
 # ---------------------------------------------------------------------------------------------- dry run

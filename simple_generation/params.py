@@ -15,6 +15,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 from .config import DefaultGenerationConfig, build_generation_config, split_generation_kwargs
+from .constrained import CONSTRAINT_FIELDS, constraint_of
 from .requests import GenerationParams, token_id_list
 from .sampling_params import SamplingParams
 
@@ -37,13 +38,15 @@ def _canonical(value: Any) -> Any:
 
 
 def fingerprint_of(config: GenerationConfig, stop_strings: tuple[str, ...], seed: int | None,
-                   call_kwargs: Mapping[str, Any], drop: tuple[str, ...] = ()) -> str:
+                   call_kwargs: Mapping[str, Any], drop: tuple[str, ...] = (),
+                   extra: Mapping[str, Any] | None = None) -> str:
     """A canonical string of everything that can change an answer (custom generate arguments by type only)."""
     data = {k: v for k, v in config.to_dict().items() if k not in _NOT_ANSWER_RELEVANT and k not in drop}
     data["stop_strings"] = list(stop_strings)
     if "seed" not in drop:
         data["seed"] = seed
     data["generate_kwargs"] = {k: _canonical(v) for k, v in call_kwargs.items() if k != "tokenizer" and v is not None}
+    data.update(extra or {})  # what else changes what an answer holds (e.g. logprobs asked for)
     return json.dumps(_canonical(data), sort_keys=True, separators=(",", ":"))
 
 
@@ -113,6 +116,12 @@ class ParamsBuilder:
             return cached
         config_overrides = dict(overrides)
         seed = config_overrides.pop("seed", None)
+        # feature: logprobs: not GenerationConfig fields; in the fingerprint (when set) but not the batch key
+        logprobs = config_overrides.pop("logprobs", None)
+        prompt_logprobs = config_overrides.pop("prompt_logprobs", None)
+        # feature: structured output: not GenerationConfig fields; in the fingerprint (when set), not the batch key
+        constraint = constraint_of(SamplingParams(**{name: config_overrides.pop(name, None)
+                                                     for name in CONSTRAINT_FIELDS}))
         stops = config_overrides.pop("stop_strings", None) or []
         stop_strings = tuple(dict.fromkeys([*stops, *self.template_stop_strings]))
         if self.template_stop_ids and "eos_token_id" not in config_overrides:
@@ -122,9 +131,20 @@ class ParamsBuilder:
         config.stop_strings = list(stop_strings) or None
         if stop_strings:
             call_kwargs.setdefault("tokenizer", self.tokenizer)
+        if logprobs is not None and (config.num_beams or 1) > 1:
+            raise ValueError(f"logprobs with beam search (num_beams={config.num_beams}) is not supported: the "
+                             "log-probabilities of a beam's tokens are not recorded; use num_beams=1.")
+        # answers without logprobs keep the keys they had before logprobs existed
+        asked = {k: v for k, v in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)) if v is not None}
+        if constraint is not None:  # feature: structured output
+            if (config.num_beams or 1) > 1:
+                raise ValueError(f"structured output ({constraint.kind}) with beam search (num_beams="
+                                 f"{config.num_beams}) is not supported; use num_beams=1.")
+            asked["constraint"] = constraint.fingerprint()
+        fingerprint = fingerprint_of(config, stop_strings, seed, call_kwargs, extra=asked)
         resolved = GenerationParams(
             config=config, call_kwargs=call_kwargs, stop_strings=stop_strings, seed=seed,
-            fingerprint=fingerprint_of(config, stop_strings, seed, call_kwargs),
+            fingerprint=fingerprint, logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=constraint,
             batch_key=fingerprint_of(config, stop_strings, seed, call_kwargs,
                                      drop=("max_new_tokens", "seed") if (config.num_beams or 1) == 1 else ("seed",)),
         )

@@ -116,6 +116,7 @@ def plan_call(
     model_identity: Callable[[str], str],
     skip_prompt: bool,
     postprocessor: PostProcessor,
+    vocab_size: int | None = None,
 ) -> CallPlan:
     """Validate and prepare a call (no generation happens here).
 
@@ -149,6 +150,18 @@ def plan_call(
 
     for index, problem in unusable.items():
         fail(index, problem)
+
+    # feature: structured output: every distinct constraint compiled once, before anything runs
+    if any(p.constraint is not None for p in per_prompt):
+        from .constrained import check_constraints
+
+        def where(index: int) -> str:
+            own = params[index] if params is not None else None
+            return f"params[{index}]" if own is not None else f"prompt {index}"
+
+        for index, problem in check_constraints(per_prompt, builder.tokenizer, vocab_size, where).items():
+            if index not in failed:
+                fail(index, problem)
 
     # formatting, one prompt at a time so a refusal names its prompt
     texts: list[str] = [""] * n
@@ -270,7 +283,7 @@ def plan_call(
         answer = stored.get(key)
         prompt_params = per_prompt[index]
         if answer is not None:
-            ready.append(_result_from_answer(index, texts[index], answer, cached=True))
+            ready.append(_result_from_answer(index, texts[index], answer, cached=True, postprocessor=postprocessor))
             continue
         if dedup and key in slots:
             slots[key].positions.append(index)
@@ -296,16 +309,28 @@ def plan_call(
                     engine=engine, engine_reason=engine_reason, stats=stats)
 
 
-def _result_from_answer(index: int, prompt: str, answer: StoredAnswer, cached: bool) -> GenerationResult:
-    return GenerationResult(index=index, prompt=prompt, outputs=answer.outputs, prompt_tokens=answer.prompt_tokens,
-                            completion_tokens=answer.completion_tokens, error=answer.error, cached=cached)
+def _result_from_answer(index: int, prompt: str, answer: StoredAnswer, cached: bool,
+                        postprocessor: PostProcessor | None = None) -> GenerationResult:
+    outputs = answer.outputs
+    prompt_logprobs = None
+    if postprocessor is not None:  # feature: logprobs: token texts decoded here (engines and the store hold ids)
+        if answer.logprobs is not None:
+            outputs = [replace(output, logprobs=postprocessor.token_logprobs(raw))
+                       for output, raw in zip(outputs, answer.logprobs)]
+        if answer.prompt_logprobs is not None:
+            prompt_logprobs = [None, *postprocessor.token_logprobs(answer.prompt_logprobs)]
+        outputs = postprocessor.split_outputs(outputs, prompt)  # feature: reasoning (off: unchanged)
+    return GenerationResult(index=index, prompt=prompt, outputs=outputs, prompt_tokens=answer.prompt_tokens,
+                            completion_tokens=answer.completion_tokens, error=answer.error, cached=cached,
+                            prompt_logprobs=prompt_logprobs)
 
 
 def _echo(plan: CallPlan, result: GenerationResult) -> None:
     """Put the prompt in front of each output's text (outputs hold continuations until here)."""
     prompt_ids = plan.prompt_ids.get(result.index, [])
     result.outputs = [replace(output, text=plan.postprocessor.echo(prompt_ids, output.token_ids, output.text,
-                                                                    output.finish_reason))
+                                                                    output.finish_reason,
+                                                                    split=output.reasoning is not None))
                       for output in result.outputs]
 
 
@@ -316,7 +341,9 @@ def finish_request(plan: CallPlan, slot: Slot, output: EngineOutput) -> StoredAn
         answer = StoredAnswer(request.key, [], [], [], len(request.token_ids), 0, output.error)
     else:
         texts, kept, reasons, completion = plan.postprocessor.finish(request, output)
-        answer = StoredAnswer(request.key, texts, kept, reasons, len(request.token_ids), completion)
+        answer = StoredAnswer(request.key, texts, kept, reasons, len(request.token_ids), completion,
+                              logprobs=plan.postprocessor.trim_logprobs(output, kept),
+                              prompt_logprobs=output.prompt_logprobs)
     if plan.store is not None:
         plan.store.put(answer, plan.model_identity, slot.prompt, request.params.fingerprint)
     return answer
@@ -326,7 +353,7 @@ def fan_out(plan: CallPlan, slot: Slot, answer: StoredAnswer) -> list[Generation
     """One result per input position of the slot, with the prompt echoed when asked."""
     results = []
     for index in slot.positions:
-        result = _result_from_answer(index, slot.prompt, answer, cached=False)
+        result = _result_from_answer(index, slot.prompt, answer, cached=False, postprocessor=plan.postprocessor)
         if not plan.skip_prompt and answer.error is None:
             _echo(plan, result)
         results.append(result)

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from transformers import GenerationConfig
 
+from .results import RawLogprobs
+
 FinishReason = Literal["stop", "length", "stop_string"]
 
 
@@ -45,6 +47,11 @@ class GenerationParams:
     seed: int | None
     fingerprint: str
     batch_key: str = ""  # the fingerprint without max_new_tokens and seed: what may share one batch
+    # logprobs (feature: logprobs): k most likely alternatives per generated / prompt token (None: not asked)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # structured output (feature: structured output): a simple_generation.constrained.Constraint, None: free text
+    constraint: Any = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -97,8 +104,14 @@ class EngineOutput:
     (post-processing trims). ``finish_reasons`` is filled when the engine knows better than
     "ended with EOS or not" (e.g. it stopped on a stop string itself); None lets post-processing
     decide. ``error`` (with empty ``sequences``) when this request could not run.
+
+    ``logprobs`` (when ``params.logprobs`` is set): one :class:`RawLogprobs` per sequence, entry ``t`` for
+    token ``t`` of that sequence (post-processing trims it with the sequence). ``prompt_logprobs`` (when
+    ``params.prompt_logprobs`` is set): the prompt's tokens from the second on (the first has no context).
     """
 
     sequences: list[list[int]] = field(default_factory=list)
     finish_reasons: list[FinishReason | None] | None = None
     error: str | None = None
+    logprobs: list[RawLogprobs] | None = None
+    prompt_logprobs: RawLogprobs | None = None

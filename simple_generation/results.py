@@ -4,7 +4,56 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+
+@dataclass
+class RawLogprobs:
+    """Log-probabilities of a run of tokens, as engines give them (ids and floats; texts are decoded later).
+
+    Parallel lists, one entry per token: ``token_ids`` (the token), ``logprobs`` (its log-probability, a
+    log-softmax of the model's raw logits), ``top_ids``/``top_logprobs`` (the ``k`` most likely tokens at that
+    position, most likely first; empty lists when ``k == 0``).
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def cut(self, length: int) -> RawLogprobs:
+        """The first ``length`` tokens' entries."""
+        return RawLogprobs(self.token_ids[:length], self.logprobs[:length], self.top_ids[:length],
+                           self.top_logprobs[:length])
+
+
+@dataclass
+class TopLogprob:
+    """One of the ``k`` most likely tokens at a position: its id, its text and its log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    """A token of an answer (or of the prompt) with its log-probability and the ``k`` most likely tokens at its
+    position (``top``, most likely first; empty for ``logprobs=0``). Log-probabilities are the log-softmax of
+    the model's raw logits, before temperature, top-p/top-k and penalties (vLLM's and OpenAI's default).
+
+    Example:
+        >>> out = gen.generate(["Hi"], max_new_tokens=4, logprobs=2)[0].outputs[0]   # doctest: +SKIP
+        >>> out.logprobs[0]                                                          # doctest: +SKIP
+        TokenLogprob(token_id=12, token=' Hello', logprob=-0.41, top=[TopLogprob(12, ' Hello', -0.41), ...])
+    """
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -14,7 +63,8 @@ class CompletionOutput:
     ``index``: its place among the prompt's sequences; ``text``: the answer (the prompt in front unless
     ``skip_prompt``; stop strings cut); ``token_ids``: the generated token ids (never the prompt's);
     ``finish_reason``: ``"stop"`` (end of sequence), ``"length"`` (max_new_tokens or the context reached) or
-    ``"stop_string"``; ``logprobs``: not filled yet (always None; reserved for per-token log-probabilities).
+    ``"stop_string"``; ``logprobs``: with ``logprobs=k``, one :class:`TokenLogprob` per token of ``token_ids``
+    (else None).
 
     Example:
         >>> result = gen.generate(["Hi"], max_new_tokens=8, num_return_sequences=2)[0]   # doctest: +SKIP
@@ -26,7 +76,10 @@ class CompletionOutput:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    logprobs: list[Any] | None = None
+    logprobs: list[TokenLogprob] | None = None
+    # feature: reasoning: the text between the model's reasoning markers (``<think>...</think>``), markers and
+    # the newlines around it left out; ``text`` is then the answer without it. None: no reasoning block.
+    reasoning: str | None = None
 
 
 @dataclass
@@ -55,6 +108,8 @@ class GenerationResult:
     error: str | None = None
     duplicate_of: int | None = None
     cached: bool = False
+    # feature: logprobs: with prompt_logprobs=k, one entry per prompt token; the first is None (no context)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def texts(self) -> list[str]:
@@ -78,6 +133,18 @@ class GenerationResult:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason if self.outputs else None
+
+    # feature: reasoning
+    @property
+    def reasoning(self) -> str | None:
+        """The first output's reasoning (the text of its ``<think>...</think>`` block), None without one.
+
+        Example:
+            >>> result = gen.generate(["What is 2 + 2?"], max_new_tokens=256)[0]   # doctest: +SKIP
+            >>> result.reasoning, result.text                                        # doctest: +SKIP
+            ('The user asks for 2 + 2, which is 4.', 'Four.')
+        """
+        return self.outputs[0].reasoning if self.outputs else None
 
     @property
     def answer(self) -> str | list[str] | None:

@@ -44,10 +44,16 @@ ALIASES: dict[str, str] = {"max_tokens": "max_new_tokens", "max_completion_token
 
 PER_PROMPT_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop_strings", "seed",
                      "num_return_sequences", "do_sample", "repetition_penalty")
+# feature: logprobs (per prompt too)
+PER_PROMPT_FIELDS += ("logprobs", "prompt_logprobs")
 """The fields a prompt (``params=[...]``, a file record, an OpenAI Batch body) may set for itself; the others
 (``num_beams``, ``min_new_tokens``, any other ``GenerationConfig`` field) are set for a whole call or run."""
 
 PER_PROMPT_KEYS = frozenset(PER_PROMPT_FIELDS) | frozenset(k for k, v in ALIASES.items() if v in PER_PROMPT_FIELDS)
+PER_PROMPT_KEYS |= {"top_logprobs"}  # feature: logprobs: OpenAI's `logprobs: true` + `top_logprobs: k`
+# feature: structured output (per prompt too); OpenAI's `response_format` maps onto these fields
+PER_PROMPT_FIELDS += ("json_schema", "json", "regex", "choices", "grammar")
+PER_PROMPT_KEYS |= {"json_schema", "json", "regex", "choices", "grammar", "response_format"}
 """The per-prompt fields and their aliases: the record keys that are parameters rather than carried fields."""
 
 # transformers' GenerationConfig fields that change an answer (4.56-5.x), known without importing it: a record
@@ -88,7 +94,17 @@ _RULES: dict[str, tuple[str, float | None, bool, float | None]] = {
     "num_beams": ("int", 1, True, None),
     "stop_strings": ("stop", None, True, None),
     "seed": ("int", None, True, None),
+    # feature: logprobs
+    "logprobs": ("int", 0, True, None),
+    "prompt_logprobs": ("int", 0, True, None),
+    # feature: structured output (see simple_generation.constrained)
+    "json_schema": ("schema", None, True, None),
+    "json": ("bool", None, True, None),
+    "regex": ("text", None, True, None),
+    "choices": ("choices", None, True, None),
+    "grammar": ("text", None, True, None),
 }
+CONSTRAINT_FIELDS = ("json_schema", "json", "regex", "choices", "grammar")  # feature: structured output
 
 FIELD_NAMES = tuple(_RULES)
 """The typed fields of :class:`SamplingParams` (``extra`` aside)."""
@@ -119,6 +135,21 @@ class SamplingParams:
         stop_strings: strings that end an answer (``stop``; a string or a list); the answer is cut before
             the first one found. An empty tuple: no stop strings (overriding the call's).
         seed: sampling seed (any integer): a sampled answer depends only on (prompt, parameters, seed).
+        logprobs: per generated token, its log-probability and the ``k`` most likely alternatives (0: the
+            chosen token's only); log-softmax of the model's raw logits, before temperature, top-p, penalties.
+            OpenAI's ``logprobs=True, top_logprobs=k`` means ``logprobs=k``.
+        prompt_logprobs: the same for the prompt's tokens (the first token has none).
+        json_schema: structured output: the answer is JSON valid against this schema (a dict, its JSON text,
+            or a pydantic model class; kept as compact JSON text, properties in the order given). OpenAI's
+            ``response_format={"type": "json_schema", "json_schema": {"schema": ...}}`` sets it.
+        json: structured output: ``True``, the answer is a JSON value (``response_format={"type":
+            "json_object"}``); ``False``: free text (a prompt's way to drop the call's constraint).
+        regex: structured output: the answer matches this regular expression.
+        choices: structured output: the answer is one of these strings.
+        grammar: structured output: the answer is a string of this EBNF/GBNF grammar (XGrammar's dialect,
+            rule ``root``). At most one of ``json_schema``, ``json``, ``regex``, ``choices``, ``grammar``
+            per prompt; a prompt's own replaces the call's. An answer cut by ``max_new_tokens``
+            (``finish_reason="length"``) is incomplete.
         extra: any other ``GenerationConfig`` field or ``model.generate`` argument, passed to HF generation
             as it is (the static engine; other engines refuse what they cannot honour). Whole call only;
             do not mutate it.
@@ -142,6 +173,15 @@ class SamplingParams:
     num_beams: int | None = None
     stop_strings: tuple[str, ...] | None = None
     seed: int | None = None
+    # feature: logprobs
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # feature: structured output
+    json_schema: str | None = None
+    json: bool | None = None
+    regex: str | None = None
+    choices: tuple[str, ...] | None = None
+    grammar: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,6 +189,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _checked(name, name, value, "SamplingParams", from_text=False))
+        constrained = [name for name in CONSTRAINT_FIELDS if getattr(self, name) not in (None, False)]
+        if len(constrained) > 1:  # feature: structured output
+            raise ValueError(f"SamplingParams: give at most one of json_schema, json, regex, choices, grammar "
+                             f"(got {', '.join(constrained)}).")
         extra = dict(self.extra)
         typed = sorted(set(extra) & (set(_RULES) | set(ALIASES)))
         if typed:
@@ -178,6 +222,8 @@ class SamplingParams:
         """
         if isinstance(values, SamplingParams):
             values = values.to_dict()
+        values = _openai_logprobs(values, where, from_text)  # feature: logprobs
+        values = _response_format(values, where, from_text)  # feature: structured output
         typed: dict[str, Any] = {}
         given: dict[str, str] = {}  # field -> the key that set it
         extra: dict[str, Any] = {}
@@ -212,6 +258,8 @@ class SamplingParams:
                if f.name != "extra" and getattr(self, f.name) is not None}
         if "stop_strings" in out:
             out["stop_strings"] = list(out["stop_strings"])
+        if "choices" in out:  # feature: structured output
+            out["choices"] = list(out["choices"])
         out.update(self.extra)
         return out
 
@@ -253,6 +301,8 @@ class SamplingParams:
                    if f.name != "extra" and getattr(other, f.name) is not None}
         if other.temperature is not None and other.do_sample is None:
             changes["do_sample"] = None
+        if any(getattr(other, name) is not None for name in CONSTRAINT_FIELDS):  # feature: structured output
+            changes = {**dict.fromkeys(CONSTRAINT_FIELDS), **changes}  # a prompt's constraint replaces the call's
         return dataclasses.replace(self, **changes, extra={**self.extra, **other.extra})
 
 
@@ -269,10 +319,34 @@ def value_of(values: Mapping[str, Any], name: str, default: Any = None) -> Any:
     return default
 
 
+def _openai_logprobs(values: Mapping[str, Any], where: str, from_text: bool) -> Mapping[str, Any]:
+    """OpenAI's ``logprobs: true`` (+ ``top_logprobs: k``) as ``logprobs=k``; ``logprobs: false``: not set.
+    An integer ``logprobs`` (vLLM's) is kept as it is. (feature: logprobs)"""
+    flag = values.get("logprobs")
+    if from_text and isinstance(flag, str) and flag.strip().lower() in ("true", "false"):
+        flag = flag.strip().lower() == "true"
+    top = values.get("top_logprobs")
+    if from_text and isinstance(top, str) and top.strip() == "":
+        top = None
+    if not isinstance(flag, bool) and "top_logprobs" not in values:
+        return values
+    out = {k: v for k, v in values.items() if k not in ("logprobs", "top_logprobs")}
+    if top is not None and flag is not True:
+        raise ValueError(f"{where}: `top_logprobs` needs `logprobs: true` (or give `logprobs` the number "
+                         "of alternatives).")
+    if flag is True:
+        out["logprobs"] = 0 if top is None else top
+    elif flag is not None and flag is not False:
+        out["logprobs"] = flag
+    return out
+
+
 def _checked(name: str, key: str, value: Any, where: str, *, from_text: bool) -> Any:
     """``value`` for field ``name`` (given as ``key``), converted (text, integral floats) and range-checked."""
     kind, low, low_inclusive, high = _RULES[name]
     label = f"`{key}`" if key == name else f"`{key}` (`{name}`)"  # an alias: both names in the message
+    if kind in ("schema", "text", "choices"):  # feature: structured output
+        return _constraint_value(kind, value, label, where, from_text)
     if kind == "stop":
         return _stop(value, label, where, from_text)
     if kind == "bool":
@@ -321,3 +395,75 @@ def _stop(value: Any, label: str, where: str, from_text: bool) -> tuple[str, ...
     if any(v == "" for v in values):
         raise ValueError(f"{where}: an empty stop string would end every answer before it starts; remove it.")
     return tuple(values)
+
+
+# ---------------------------------------------------------------- feature: structured output
+def _response_format(values: Mapping[str, Any], where: str, from_text: bool) -> Mapping[str, Any]:
+    """OpenAI's ``response_format`` as ``json_schema`` / ``json`` (``{"type": "text"}``: nothing)."""
+    if "response_format" not in values:
+        return values
+    out = {k: v for k, v in values.items() if k != "response_format"}
+    spec = values["response_format"]
+    if from_text and isinstance(spec, str):
+        if spec.strip() == "":
+            return out
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            raise ValueError(f"{where}: `response_format` must be a JSON object, got {spec!r}.") from None
+    if spec is None:
+        return out
+    kind = spec.get("type") if isinstance(spec, Mapping) else None
+    if kind == "text":
+        return out
+    if kind == "json_object":
+        target, value = "json", True
+    elif kind == "json_schema":
+        inner = spec.get("json_schema")
+        schema = inner.get("schema") if isinstance(inner, Mapping) else None
+        if schema is None:
+            raise ValueError(f'{where}: `response_format` of type "json_schema" needs '
+                             '{"json_schema": {"name": ..., "schema": {...}}}.')
+        target, value = "json_schema", schema
+    else:
+        raise ValueError(f'{where}: `response_format` must be {{"type": "text" | "json_object" | "json_schema", '
+                         f"...}}, got {spec!r}.")
+    if out.get(target) is not None:
+        raise ValueError(f"{where}: pass either `response_format` or `{target}`, not both.")
+    out[target] = value
+    return out
+
+
+def _constraint_value(kind: str, value: Any, label: str, where: str, from_text: bool) -> Any:
+    """A structured-output value: a schema as canonical JSON text, a regex/grammar text, choices as a tuple."""
+    if kind == "schema":
+        if isinstance(value, type) and hasattr(value, "model_json_schema"):  # a pydantic model class
+            value = value.model_json_schema()
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as err:
+                raise ValueError(f"{where}: {label} must be a JSON schema (a dict, its JSON text or a pydantic "
+                                 f"model class); its text is not JSON: {err}.") from None
+        if not isinstance(value, (Mapping, bool)):
+            raise ValueError(f"{where}: {label} must be a JSON schema (a dict, its JSON text or a pydantic model "
+                             f"class), got {type(value).__name__}.")
+        try:
+            # compact JSON in the order given: properties are generated in this order, so it is part of the value
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {label} is not JSON-serializable: {err}.") from None
+    if kind == "text":
+        if not isinstance(value, str) or value == "":
+            raise ValueError(f"{where}: {label} must be a non-empty string, got {value!r}.")
+        return value
+    if from_text and isinstance(value, str) and value.startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"{where}: {label} must be a list of strings (a JSON list in a text cell), got "
+                             f"{value!r}.") from None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+            or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{where}: {label} must be a non-empty list of non-empty strings, got {value!r}.")
+    return tuple(value)

@@ -17,8 +17,13 @@ The table, readable with nothing of ours (``sqlite3 run.sqlite``, ``pandas.read_
         prompt_tokens     INTEGER,
         completion_tokens INTEGER,
         error             TEXT,              -- NULL when fine; failed prompts are retried by a rerun
-        created_at        REAL               -- unix time
+        created_at        REAL,              -- unix time
+        logprobs          BLOB               -- NULL unless logprobs/prompt_logprobs were asked (schema 2):
+                                             -- zlib-compressed JSON, floats as little-endian float32 (base64)
     );
+
+Schema 2 added ``logprobs``; a schema-1 store is upgraded in place when opened (the column is added, every
+answer kept).
 
 Example:
     >>> store = ResultStore("run.sqlite")                       # doctest: +SKIP
@@ -27,18 +32,23 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import sqlite3
+import struct
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import StoreError
-from .results import CompletionOutput
+from .results import CompletionOutput, RawLogprobs
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_UPGRADABLE = {"1"}  # older schema versions this one upgrades in place (ALTER TABLE ADD COLUMN)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -52,7 +62,8 @@ CREATE TABLE IF NOT EXISTS results (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     error TEXT,
-    created_at REAL
+    created_at REAL,
+    logprobs BLOB
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
 """
@@ -84,6 +95,9 @@ class StoredAnswer:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # feature: logprobs (engine values: ids and floats; the pipeline decodes the token texts)
+    logprobs: list[RawLogprobs] | None = None
+    prompt_logprobs: RawLogprobs | None = None
 
     @property
     def outputs(self) -> list[CompletionOutput]:
@@ -92,8 +106,52 @@ class StoredAnswer:
                 for i, (text, ids, reason) in enumerate(zip(self.texts, self.token_ids, self.finish_reasons))]
 
 
-_COLUMNS = ("key", "model", "prompt", "params", "texts", "token_ids", "finish_reasons", "prompt_tokens",
-            "completion_tokens", "error", "created_at")
+_COLUMNS_V1 = ("key", "model", "prompt", "params", "texts", "token_ids", "finish_reasons", "prompt_tokens",
+               "completion_tokens", "error", "created_at")
+_COLUMNS = (*_COLUMNS_V1, "logprobs")
+_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+
+
+def _floats(values: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+
+
+def _unfloats(text: str) -> list[float]:
+    data = base64.b64decode(text)
+    return list(struct.unpack(f"<{len(data) // 4}f", data))
+
+
+def _encode_raw(raw: RawLogprobs) -> list[Any]:
+    flat = [lp for row in raw.top_logprobs for lp in row]
+    return [raw.token_ids, _floats(raw.logprobs), raw.top_ids, _floats(flat)]
+
+
+def _decode_raw(data: list[Any]) -> RawLogprobs:
+    token_ids, logprobs, top_ids, flat = data[0], _unfloats(data[1]), data[2], _unfloats(data[3])
+    top_logprobs, at = [], 0
+    for ids in top_ids:
+        top_logprobs.append(flat[at:at + len(ids)])
+        at += len(ids)
+    return RawLogprobs(token_ids, logprobs, top_ids, top_logprobs)
+
+
+def encode_logprobs(logprobs: list[RawLogprobs] | None, prompt_logprobs: RawLogprobs | None) -> bytes | None:
+    """The ``logprobs`` column of an answer (None when neither was asked): float32, exact for the engines'
+    float32 values."""
+    if logprobs is None and prompt_logprobs is None:
+        return None
+    data = {"s": None if logprobs is None else [_encode_raw(raw) for raw in logprobs],
+            "p": None if prompt_logprobs is None else _encode_raw(prompt_logprobs)}
+    return zlib.compress(json.dumps(data, separators=(",", ":")).encode("ascii"))
+
+
+def decode_logprobs(blob: bytes | None) -> tuple[list[RawLogprobs] | None, RawLogprobs | None]:
+    """(per-sequence logprobs, prompt logprobs) of a ``logprobs`` column."""
+    if blob is None:
+        return None, None
+    data = json.loads(zlib.decompress(blob))
+    sequences = None if data.get("s") is None else [_decode_raw(item) for item in data["s"]]
+    return sequences, None if data.get("p") is None else _decode_raw(data["p"])
 
 
 def _refuse(path: str, why: str) -> StoreError:
@@ -101,9 +159,10 @@ def _refuse(path: str, why: str) -> StoreError:
                       "pass another path (--store), or move the file away to start over.")
 
 
-def _check_schema(db: sqlite3.Connection, path: str) -> bool:
-    """Raise :class:`StoreError` unless the database is empty or one of our stores of this schema; True when
-    empty (a new store). Only reads."""
+def _check_schema(db: sqlite3.Connection, path: str) -> bool | str:
+    """Raise :class:`StoreError` unless the database is empty or one of our stores of this schema (or of an
+    older one this version upgrades); True when empty (a new store), the older version (a string) when it must
+    be upgraded, else False. Only reads."""
     try:
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as err:
@@ -117,6 +176,8 @@ def _check_schema(db: sqlite3.Connection, path: str) -> bool:
         columns = {info[1] for info in db.execute("PRAGMA table_info(results)")}
     except sqlite3.DatabaseError as err:
         raise _refuse(path, f"a damaged database ({err})") from err
+    if row is not None and str(row[0]) in _UPGRADABLE and set(_COLUMNS_V1) <= columns:
+        return str(row[0])
     if row is None or not set(_COLUMNS) <= columns:
         raise _refuse(path, "its tables are not those of a simple-generation store")
     if str(row[0]) != str(SCHEMA_VERSION):
@@ -159,13 +220,15 @@ class ResultStore:
             try:
                 self._db.execute("PRAGMA busy_timeout = 60000")
                 new = _check_schema(self._db, self.path)  # reads only: a foreign file is never written to
-                if check_integrity and not new:
+                if check_integrity and new is not True:
                     problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
                     if problems != ["ok"]:
                         raise _refuse(self.path, f"a damaged database ({'; '.join(problems[:3])})")
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = NORMAL")
-                if new:
+                if isinstance(new, str):
+                    self._upgrade()
+                elif new:
                     # one transaction: another process sees no tables or all of them, never a half-made store
                     self._db.execute("BEGIN IMMEDIATE")
                     try:
@@ -187,6 +250,21 @@ class ResultStore:
             except sqlite3.DatabaseError as err:
                 raise _refuse(self.path, f"a damaged database ({err})") from err
 
+    def _upgrade(self) -> None:
+        """Bring an older store to this schema, in one transaction, keeping every answer."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            old = _check_schema(self._db, self.path)  # another process may have upgraded it meanwhile
+            if isinstance(old, str):
+                columns = {info[1] for info in self._db.execute("PRAGMA table_info(results)")}
+                if "logprobs" not in columns:
+                    self._db.execute("ALTER TABLE results ADD COLUMN logprobs BLOB")
+                self._db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     def get_many(self, keys: Sequence[str]) -> dict[str, StoredAnswer]:
         """The stored answers among ``keys``; failed answers are left out (a rerun retries them)."""
         found: dict[str, StoredAnswer] = {}
@@ -195,11 +273,13 @@ class ResultStore:
             chunk = unique[start:start + 500]
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
-                "SELECT key, texts, token_ids, finish_reasons, prompt_tokens, completion_tokens "
+                "SELECT key, texts, token_ids, finish_reasons, prompt_tokens, completion_tokens, logprobs "
                 f"FROM results WHERE key IN ({marks}) AND error IS NULL", chunk).fetchall()
-            for key, texts, token_ids, reasons, prompt_tokens, completion_tokens in rows:
+            for key, texts, token_ids, reasons, prompt_tokens, completion_tokens, logprobs in rows:
+                sequences, prompt = decode_logprobs(logprobs)
                 found[key] = StoredAnswer(key, json.loads(texts or "[]"), json.loads(token_ids or "[]"),
-                                          json.loads(reasons or "[]"), prompt_tokens or 0, completion_tokens or 0)
+                                          json.loads(reasons or "[]"), prompt_tokens or 0, completion_tokens or 0,
+                                          logprobs=sequences, prompt_logprobs=prompt)
         return found
 
     def put(self, answer: StoredAnswer, model: str, prompt: str, params: str) -> None:
@@ -208,13 +288,14 @@ class ResultStore:
 
     def put_many(self, rows: Iterable[tuple[StoredAnswer, str, str, str]]) -> None:
         values = [(a.key, model, prompt, params, json.dumps(a.texts, ensure_ascii=False), json.dumps(a.token_ids),
-                   json.dumps(a.finish_reasons), a.prompt_tokens, a.completion_tokens, a.error, time.time())
+                   json.dumps(a.finish_reasons), a.prompt_tokens, a.completion_tokens, a.error, time.time(),
+                   encode_logprobs(a.logprobs, a.prompt_logprobs))
                   for a, model, prompt, params in rows]
         if not values:
             return
         with self._db:  # one transaction
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?)", values)
+            self._db.executemany(_INSERT, values)
 
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM results WHERE error IS NULL").fetchone()[0])

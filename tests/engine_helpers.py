@@ -154,3 +154,46 @@ class BrokenEngine(QuickEngine):
     @classmethod
     def create(cls, context):
         raise RuntimeError("no runtime here")
+
+
+# feature: beam search
+def frequent_token(hf_model, prompt_ids) -> int:
+    """A token the tiny model's beams often produce: as EOS, beams finish at different lengths and steps."""
+    import torch
+
+    counts: dict[int, int] = {}
+    for ids in prompt_ids[:6]:
+        ids = torch.tensor([ids])
+        rows = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 num_beams=4, num_return_sequences=4)
+        for token in rows[:, ids.shape[1]:].flatten().tolist():
+            counts[token] = counts.get(token, 0) + 1
+    return max(counts, key=counts.get)
+
+
+def assert_beams_equal_hf(engine, prompt_ids, hf_model, settings, *, max_new_tokens: int, budget_step: int) -> None:
+    """An engine's beam search equals HF's unbatched ``generate(num_beams=3, num_return_sequences=2)``, best
+    first, on 8 prompts with per-request budgets (every other one ``budget_step`` shorter) and an EOS the beams
+    often meet, so they finish at different lengths and steps."""
+    import torch
+
+    from simple_generation.requests import Request
+
+    eos = frequent_token(hf_model, prompt_ids)
+    params = make_params(do_sample=False, num_beams=3, num_return_sequences=2, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos, **settings)
+    assert engine.unsupported(params) is None
+    requests = [Request(id=i, token_ids=ids, params=params, max_new_tokens=max_new_tokens - budget_step * (i % 2))
+                for i, ids in enumerate(prompt_ids[:8])]
+    outputs = run_all(engine, requests)
+    finished_early = 0
+    for request in requests:
+        ids = torch.tensor([request.token_ids])
+        generated = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_new_tokens,
+                                      do_sample=False, num_beams=3, num_return_sequences=2, eos_token_id=eos,
+                                      pad_token_id=0, **settings)
+        expected = [trim_eos(row[len(request.token_ids):].tolist(), eos) for row in generated]
+        assert [trim_eos(s, eos) for s in outputs[request.id].sequences] == expected, f"prompt {request.id}"
+        finished_early += sum(eos in s for s in outputs[request.id].sequences)
+    if settings.get("length_penalty", 1.0) <= 1.0:  # (2.0 favours the long beams: those run to the budget)
+        assert finished_early  # the EOS paths were exercised

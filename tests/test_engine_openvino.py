@@ -19,6 +19,7 @@ from simple_generation.engines.base import EngineContext  # noqa: E402
 from simple_generation.requests import Request  # noqa: E402
 
 from .engine_helpers import (  # noqa: E402
+    assert_beams_equal_hf,
     engine_context,
     fp32_model,
     make_params,
@@ -130,7 +131,8 @@ def test_export_is_cached(engine_factory, engine):
 
 def test_unsupported_and_errors(engine):
     assert engine.unsupported(make_params(do_sample=False)) is None
-    assert "beam" in engine.unsupported(make_params(do_sample=False, num_beams=2))
+    assert engine.unsupported(make_params(do_sample=False, num_beams=2)) is None  # feature: beam search: native
+    assert "beam sampling" in engine.unsupported(make_params(do_sample=True, num_beams=2))
     streaming = dataclasses.replace(make_params(do_sample=False), call_kwargs={"streamer": object()})
     assert "streamer" in engine.unsupported(streaming)
     with_tokenizer = dataclasses.replace(make_params(do_sample=False), call_kwargs={"tokenizer": object()})
@@ -210,6 +212,21 @@ def test_auto_moves_greedy_calls_to_openvino_and_resumes(llama_path, tmp_path, m
     assert default.last_run.engine == "continuous" and "would not pay" in default.last_run.engine_reason
 
 
+def test_logprobs_go_to_an_hf_engine_under_auto_and_are_refused_when_openvino_is_named(llama_path, ov_cache,
+                                                                                       tmp_path, monkeypatch):
+    """feature: logprobs: OpenVINO GenAI gives the chosen token's logprob only; calls asking for logprobs run
+    on an HF engine under auto (even with fast_engine_after_s=0) and are a clear error with engine="openvino"."""
+    from simple_generation import SimpleGenerator
+
+    monkeypatch.setenv("SIMPLE_GENERATION_CACHE", str(tmp_path / "cache"))
+    gen = SimpleGenerator(llama_path, fast_engine_after_s=0, track_emissions=False)
+    result = gen.generate(PROMPTS[:2], max_new_tokens=4, temperature=0, logprobs=1, show_progress_bar=False)[0]
+    assert gen.last_run.engine == "continuous" and len(result.outputs[0].logprobs) == len(result.outputs[0].token_ids)
+    named = SimpleGenerator(llama_path, engine="openvino", ov_cache_dir=ov_cache, track_emissions=False)
+    with pytest.raises(ValueError, match="does not return logprobs"):
+        named.generate(PROMPTS[:1], max_new_tokens=4, temperature=0, logprobs=0, show_progress_bar=False)
+
+
 def test_auto_falls_back_when_openvino_cannot_start(llama_path, tmp_path, monkeypatch, caplog):
     from simple_generation import SimpleGenerator
 
@@ -281,3 +298,60 @@ def test_cli_fast_engine_after(llama_path, tmp_path):
     assert "auto: openvino" in log
     static, _ = run(tmp_path / "static.jsonl", "--engine", "static")
     assert [r["answer"] for r in fast] == [r["answer"] for r in static]
+
+
+# feature: beam search -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("settings", [{}, {"length_penalty": 0.0, "early_stopping": "never"},
+                                      {"length_penalty": 2.0, "early_stopping": True}])
+def test_beam_search_f32_equals_hf_unbatched(engine, prompt_ids, hf_model, settings):
+    """num_beams runs on OpenVINO GenAI's own beam search (length_penalty, and early_stopping as its
+    stop_criteria EARLY/HEURISTIC/NEVER); its beams equal HF's unbatched beam search, best first, with an EOS the
+    beams often meet (so they finish at different lengths and steps)."""
+    assert_beams_equal_hf(engine, prompt_ids, hf_model, settings, max_new_tokens=10, budget_step=2)
+
+
+# feature: reasoning -----------------------------------------------------------------------------------------
+def test_reasoning_is_split_on_this_engine_as_on_static(llama_path, ov_cache, tmp_path_factory):
+    """The <think> split is post-processing, the same for every engine: a Qwen3-style checkpoint whose template
+    opens the block (head size 64) answers alike here and on the static engine, reasoning split off."""
+    from simple_generation import SimpleGenerator
+
+    from .test_reasoning import build_reasoning_checkpoint
+
+    path = build_reasoning_checkpoint(llama_path, tmp_path_factory.mktemp("qwen3-openvino") / "qwen3", special=False,
+                                      hidden=128, heads=2)
+    answers = {}
+    for engine, options in (("static", {}), ("openvino", {"ov_cache_dir": ov_cache})):
+        gen = SimpleGenerator(path, engine=engine, apply_chat_template=True, track_emissions=False, **options)
+        results = gen.generate(["What is 2 + 2?", "Tell me a story"], max_new_tokens=6, do_sample=False,
+                               skip_prompt=True, show_progress_bar=False)
+        answers[engine] = [(r.reasoning, r.text, r.finish_reason) for r in results]
+    assert answers["openvino"] == answers["static"]
+    assert all(reasoning and text == "" for reasoning, text, _ in answers["static"])
+
+
+def test_structured_output_native_or_refused_clearly(llama_path, ov_cache):
+    """feature: structured output: StructuredOutputConfig when the OpenVINO tokenizer exposes its vocabulary
+    (answers conform); otherwise (the tiny local tokenizers here) a clear refusal naming the reason."""
+    import json
+    import re
+
+    from simple_generation import SimpleGenerator
+    from simple_generation.errors import NoEngineError
+
+    generator = SimpleGenerator(llama_path, engine="openvino", ov_cache_dir=ov_cache)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"]}
+    params = [{"json_schema": schema}, {"regex": "[0-9]{3}"}, {"choices": ["yes", "no"]}]
+    problem = generator.router.engine("openvino").structured_output_problem()
+    if problem is not None:
+        with pytest.raises(NoEngineError, match="does not expose its vocabulary"):
+            generator(PROMPTS[:3], params=params, max_new_tokens=32, temperature=0)
+        return
+    results = list(generator.generate(PROMPTS[:3], params=params, max_new_tokens=32, temperature=0,
+                                      skip_prompt=True))
+    if results[0].outputs[0].finish_reason != "length":
+        assert isinstance(json.loads(results[0].answer)["name"], str)
+    assert re.fullmatch("[0-9]{3}", results[1].answer)
+    assert results[2].answer in ("yes", "no")
+    with pytest.raises(NoEngineError, match="any-JSON"):
+        generator(PROMPTS[:1], json=True, max_new_tokens=8)

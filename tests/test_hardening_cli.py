@@ -127,7 +127,7 @@ def test_foreign_database_is_refused_without_writing_to_it(llama_path, tmp_path)
 
 
 @pytest.mark.slow  # the dry run loads the tokenizer
-@pytest.mark.parametrize("version, words", [("2", "upgrade simple-generation"), ("0", "schema version 0")])
+@pytest.mark.parametrize("version, words", [("3", "upgrade simple-generation"), ("0", "schema version 0")])
 def test_store_of_another_schema_version_is_a_clear_error(llama_path, tmp_path, version, words):
     source = write_prompts(tmp_path / "in.jsonl", 2)
     store = make_store(tmp_path / "out.jsonl.sqlite")

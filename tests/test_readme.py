@@ -44,6 +44,7 @@ HUB_IDS = {
     "lmsys/vicuna-7b-v1.5": "llama",
     "meta-llama/Meta-Llama-3-8B-Instruct": "llama-chat",
     "google/flan-t5-large": "t5",
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "reasoning",  # a Qwen3 with <think> markers (test_reasoning)
 }
 
 # Whole blocks not run, found by a distinctive piece of their text: (piece, why).
@@ -142,7 +143,11 @@ def stand_ins(tiny_checkpoints, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(chat)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(chat)
-    return {**tiny_checkpoints, "llama-chat": str(chat)}
+    from .test_reasoning import build_reasoning_checkpoint
+
+    reasoning = build_reasoning_checkpoint(tiny_checkpoints["llama"], tmp_path_factory.mktemp("readme-reasoning"),
+                                           special=False)
+    return {**tiny_checkpoints, "llama-chat": str(chat), "reasoning": reasoning}
 
 
 @pytest.fixture(scope="module")

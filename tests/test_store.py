@@ -166,3 +166,48 @@ def test_answer_key_depends_on_every_part():
               answer_key(MODEL, PROMPT, "{}", 0), answer_key(MODEL, PROMPT, PARAMS, 1),
               answer_key(MODEL + PROMPT, "", PARAMS, 0)}  # parts are separated: no shifting text between them
     assert base not in others and len(others) == 5
+
+
+# feature: logprobs -------------------------------------------------------------------------------------------
+def test_logprobs_round_trip_compactly_and_exactly(tmp_path):
+    import struct
+
+    from simple_generation.results import RawLogprobs
+
+    def f32(x):
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+
+    sequences = [RawLogprobs([10, 11, 2], [f32(-0.1), f32(-2.5), f32(-7.25)], [[10, 4], [11, 3], [5, 2]],
+                             [[f32(-0.1), f32(-3.0)], [f32(-2.0), f32(-2.5)], [f32(-1.0), f32(-7.25)]])]
+    prompt = RawLogprobs([7, 8], [f32(-5.5), f32(-1.25)], [[], []], [[], []])
+    answer = StoredAnswer("a", [" x"], [[10, 11, 2]], ["stop"], 3, 3, logprobs=sequences, prompt_logprobs=prompt)
+    with ResultStore(tmp_path / "run.sqlite") as store:
+        store.put(answer, MODEL, PROMPT, PARAMS)
+        store.put(_answer("b"), MODEL, PROMPT, PARAMS)
+        found = store.get_many(["a", "b"])
+    assert found["a"] == answer and found["a"].logprobs[0].top_logprobs[2] == [f32(-1.0), f32(-7.25)]
+    assert found["b"].logprobs is None and found["b"].prompt_logprobs is None
+
+
+_V1_SCHEMA = """CREATE TABLE results (key TEXT PRIMARY KEY, model TEXT, prompt TEXT, params TEXT, texts TEXT,
+    token_ids TEXT, finish_reasons TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, error TEXT, created_at REAL);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO results VALUES ('old', 'm', 'p', '{}', '[" kept"]', '[[5, 2]]', '["stop"]', 4, 2, NULL, 0.0);"""
+
+
+def test_a_schema_1_store_is_upgraded_in_place_keeping_its_answers(tmp_path):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA)
+    db.close()
+    with ResultStore(path, check_integrity=True) as store:
+        assert store.get_many(["old"]) == {"old": StoredAnswer("old", [" kept"], [[5, 2]], ["stop"], 4, 2)}
+        store.put(_answer("new"), MODEL, PROMPT, PARAMS)
+    db = sqlite3.connect(path)
+    version = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0]
+    columns = [info[1] for info in db.execute("PRAGMA table_info(results)")]
+    db.close()
+    assert version == str(SCHEMA_VERSION) == "2" and columns[-1] == "logprobs"
+    with ResultStore(path) as store:  # opened again: nothing more to do
+        assert set(store.get_many(["old", "new"])) == {"old", "new"}

@@ -161,7 +161,14 @@ class EngineBase:
         return None
 
     def unsupported(self, params: GenerationParams) -> str | None:
-        return self.unsupported_params(params)
+        reason = self.unsupported_params(params)
+        if reason is None and getattr(params, "constraint", None) is not None:  # feature: structured output
+            reason = self.structured_output_problem()
+        return reason
+
+    def structured_output_problem(self) -> str | None:
+        """Why this engine, as started, cannot constrain answers (None: it can, or the class decides alone)."""
+        return None
 
     def configure(self, batch_size: int, auto: bool, sort: bool = True) -> None:
         return None

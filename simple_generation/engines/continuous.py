@@ -37,6 +37,7 @@ import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +45,11 @@ from transformers import DynamicCache, LogitsProcessorList
 
 from ..errors import BatchFailed
 from ..memory import available_bytes, kv_bytes_per_token
-from ..requests import EngineOutput, FinishReason, GenerationParams, Request, token_id_list
+from ..requests import EngineOutput, FinishReason, GenerationParams, RawLogprobs, Request, token_id_list
 from ..sampling import greedy_config, gumbel_noise, warpers
 from ..scheduling import is_out_of_memory
 from .base import EngineBase, EngineContext, EngineStats, input_device
+from .logprobs import prompt_logprobs, step_logprobs
 from .slot_cache import SlotCache
 
 logger = logging.getLogger("simple_generation")
@@ -83,14 +85,21 @@ class _Task:
     reasons: dict[int, FinishReason] = field(default_factory=dict)
     order: int = 0                # admission counter: the latest admitted are evicted first on OOM
     yielded: bool = False
+    # feature: logprobs
+    logprobs: dict[int, RawLogprobs] = field(default_factory=dict)
+    prompt_logprobs: RawLogprobs | None = None
 
     def output(self) -> EngineOutput:
         sequences, reasons = [], []
+        logprobs = [] if self.logprobs else None
         for j in range(self.rows):
             for _ in range(self.copies):
                 sequences.append(list(self.sequences[j]))
                 reasons.append(self.reasons[j])
-        return EngineOutput(sequences=sequences, finish_reasons=reasons)
+                if logprobs is not None:
+                    logprobs.append(self.logprobs[j])
+        return EngineOutput(sequences=sequences, finish_reasons=reasons, logprobs=logprobs,
+                            prompt_logprobs=self.prompt_logprobs)
 
 
 @dataclass
@@ -106,6 +115,9 @@ class _Row:
     seed: int | None = None
     warp: LogitsProcessorList | None = None
     stops: tuple[str, ...] = ()
+    logprobs_k: int | None = None      # feature: logprobs: alternatives asked for (None: no logprobs)
+    logprobs: RawLogprobs | None = None
+    matcher: Any = None           # feature: structured output: this sequence's XGrammar matcher (None: free)
 
     @property
     def budget(self) -> int:
@@ -230,6 +242,11 @@ class ContinuousEngine(EngineBase):
         reason = super().unsupported_params(params)
         if reason:
             return reason
+        if params.constraint is not None:  # feature: structured output
+            from ..constrained import xgrammar_missing
+
+            if xgrammar_missing():
+                return xgrammar_missing()
         cache_implementation = getattr(params.config, "cache_implementation", None)
         if cache_implementation not in (None, "dynamic"):
             return f"the continuous engine runs its own cache, not cache_implementation={cache_implementation!r}"
@@ -283,6 +300,8 @@ class _Scheduler:
         vocab = getattr(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config,
                         "vocab_size", None)
         self.pad_id = pad if pad is not None and (vocab is None or 0 <= pad < vocab) else 0
+        self.vocab_size = vocab  # feature: structured output: the width grammars are compiled for
+        self.bitmask = None      # a reused CPU token bitmask for the constrained rows of a step
         # longest prompt first: prefill batches of similar lengths, the widest cache early (OOM shows early)
         self.done: list[tuple[Request, EngineOutput]] = []
         queue = []
@@ -417,6 +436,9 @@ class _Scheduler:
             n = params.num_return_sequences
             decoded = n if params.sampled else 1
             task = _Task(request, rows=decoded, copies=1 if params.sampled else n, order=self.admitted)
+            if params.prompt_logprobs is not None:  # feature: logprobs: an unbatched forward over the prompt
+                task.prompt_logprobs = prompt_logprobs(self.engine.model, request.token_ids, params.prompt_logprobs,
+                                                       self.device)
             self.admitted += 1
             tasks.append(task)
             for j in range(decoded):
@@ -428,7 +450,9 @@ class _Scheduler:
             _select_rows(cache, index)
             mask = mask.index_select(0, index.cpu())
         lengths = mask.sum(-1)
+        raw = self._raw_logits(new_rows, logits)
         tokens = self._choose(new_rows, logits)
+        self._record_logprobs(new_rows, raw, tokens)
         keep = self._append(new_rows, tokens)
         # merge the survivors into the running batch
         if keep:
@@ -444,6 +468,8 @@ class _Scheduler:
         request = task.request
         params = request.params
         row = _Row(task=task, seq=seq, eos=_eos_ids(params.config), sampled=params.sampled)
+        if params.logprobs is not None:  # feature: logprobs
+            row.logprobs_k, row.logprobs = params.logprobs, RawLogprobs()
         config = greedy_config(params.config) if params.sampled else copy.deepcopy(params.config)
         config.max_new_tokens = request.max_new_tokens
         config.max_length = len(request.token_ids) + request.max_new_tokens
@@ -462,6 +488,11 @@ class _Scheduler:
             stops.extend([config_stops] if isinstance(config_stops, str) else config_stops)
         if stops and self.engine.tokenizer is not None:
             row.stops = tuple(dict.fromkeys(s for s in stops if s))
+        if params.constraint is not None:  # feature: structured output (compiled when the call was planned)
+            from ..constrained import compile_constraint, new_matcher
+
+            compiled = compile_constraint(params.constraint, self.engine.tokenizer, self.vocab_size)
+            row.matcher = new_matcher(compiled, sorted(row.eos))
         return row
 
     def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -509,7 +540,9 @@ class _Scheduler:
         stats.peak_rows = max(stats.peak_rows, len(rows))
         stats.peak_cache_bytes = max(stats.peak_cache_bytes, self.cache.allocated_bytes)
         self.mask, self.lengths = mask, self.lengths + 1
+        raw = self._raw_logits(rows, logits)
         tokens = self._choose(rows, logits)
+        self._record_logprobs(rows, raw, tokens)
         keep = self._append(rows, tokens)
         if len(keep) != len(rows):
             self._select(keep)
@@ -533,11 +566,35 @@ class _Scheduler:
         self.lengths = self.lengths.index_select(0, index)
         self.rows = [self.rows[i] for i in order]
 
+    def _grammar_masks(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """The constrained rows and their token bitmask (rows in batch order), filled by their matchers."""
+        constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
+        if not constrained:
+            return constrained, None
+        from ..constrained import allocate_bitmask
+
+        if self.bitmask is None or self.bitmask.shape[0] < len(rows):
+            self.bitmask = allocate_bitmask(max(len(rows), self.max_slots), self.vocab_size or logits.shape[-1])
+        for i in constrained:
+            rows[i].matcher.fill_next_token_bitmask(self.bitmask, i)
+        return constrained, self.bitmask[:len(rows)].to(logits.device, non_blocking=True)
+
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """The next token of each row, as ``model.generate`` would pick it for that row alone."""
+        """The next token of each row, as ``model.generate`` would pick it for that row alone (a constrained
+        row's grammar mask applied after its logits processors, before the argmax or the sampler)."""
+        constrained, bitmask = self._grammar_masks(rows, logits)
+        greedy = logits.argmax(dim=-1)
+        plain = [i for i in constrained if rows[i].plain_greedy]
+        if plain:  # masked copies of those rows only: the raw logits stay as they are
+            from ..constrained import apply_bitmask
+
+            index = torch.tensor(plain, dtype=torch.long, device=logits.device)
+            masked = logits.index_select(0, index)
+            apply_bitmask(masked, bitmask.index_select(0, index))
+            greedy[index] = masked.argmax(dim=-1)
+        greedy = greedy.tolist()
         if all(row.plain_greedy for row in rows):
-            return logits.argmax(dim=-1).tolist()
-        greedy = logits.argmax(dim=-1).tolist()
+            return greedy
         chosen = []
         for i, row in enumerate(rows):
             if row.plain_greedy:
@@ -549,6 +606,11 @@ class _Scheduler:
                 ids = torch.tensor([row.task.request.token_ids + row.tokens], dtype=torch.long, device=logits.device)
             if row.processors is not None:
                 scores = row.processors(ids, scores)
+            if row.matcher is not None:  # after the other processors, before the argmax or the sampler
+                from ..constrained import apply_bitmask
+
+                scores = scores.clone()
+                apply_bitmask(scores, bitmask[i:i + 1])
             if not row.sampled:
                 chosen.append(int(scores.argmax(dim=-1)))
                 continue
@@ -561,13 +623,38 @@ class _Scheduler:
                 chosen.append(int(torch.multinomial(probs, num_samples=1)))
         return chosen
 
+    # feature: logprobs --------------------------------------------------------------------------------
+    @staticmethod
+    def _raw_logits(rows: list[_Row], logits: torch.Tensor) -> tuple[list[int], torch.Tensor] | None:
+        """A copy of the raw logits of the rows that ask for logprobs (processors may change ``logits``)."""
+        asking = [i for i, row in enumerate(rows) if row.logprobs is not None]
+        if not asking:
+            return None
+        return asking, logits.index_select(0, torch.tensor(asking, dtype=torch.long, device=logits.device))
+
+    @staticmethod
+    def _record_logprobs(rows: list[_Row], raw: tuple[list[int], torch.Tensor] | None, tokens: list[int]) -> None:
+        if raw is None:
+            return
+        asking, logits = raw
+        entries = step_logprobs(logits, [tokens[i] for i in asking], [rows[i].logprobs_k for i in asking])
+        for i, (value, top_ids, top_values) in zip(asking, entries):
+            record = rows[i].logprobs
+            record.token_ids.append(tokens[i])
+            record.logprobs.append(value)
+            record.top_ids.append(top_ids)
+            record.top_logprobs.append(top_values)
+
     def _append(self, rows: list[_Row], tokens: list[int]) -> list[int]:
         """Add each row's new token; finish the rows that are done; return the indices still running."""
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
             row.tokens.append(token)
             reason: FinishReason | None = None
-            if token in row.eos:
+            if row.matcher is not None and not row.matcher.accept_token(token):  # feature: structured output
+                raise RuntimeError(f"request {row.task.request.id}: the grammar allows no token here (a setting "
+                                   "such as min_new_tokens or bad words forbids every token it allows)")
+            if token in row.eos or (row.matcher is not None and row.matcher.is_terminated()):
                 reason = "stop"
             elif row.stops and self._hit_stop(row):
                 reason = "stop_string"
@@ -578,6 +665,8 @@ class _Scheduler:
             else:
                 row.task.sequences[row.seq] = row.tokens
                 row.task.reasons[row.seq] = reason
+                if row.logprobs is not None:
+                    row.task.logprobs[row.seq] = row.logprobs
         return keep
 
     def _hit_stop(self, row: _Row) -> bool:

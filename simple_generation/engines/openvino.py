@@ -187,6 +187,23 @@ class OpenVINOEngine(EngineBase):
     needs_hf_model = False
     unsupported_settings = _UNSUPPORTED_FIELDS
     engine_kwargs = ENGINE_KWARGS
+    supports_beam_search = True  # feature: beam search: OpenVINO GenAI's own (GenerationConfig.num_beams)
+
+    @classmethod
+    def unsupported_params(cls, params) -> str | None:
+        # feature: logprobs: OpenVINO GenAI gives the chosen token's log-probability only (no alternatives, no
+        # prompt's); not wired here: any logprobs request goes to an HF engine under "auto"
+        if getattr(params, "logprobs", None) is not None or getattr(params, "prompt_logprobs", None) is not None:
+            return ("the openvino engine does not return logprobs (OpenVINO GenAI gives the chosen token's only, "
+                    "no alternatives or prompt logprobs): use engine='auto', 'continuous', 'static' or 'vllm'")
+        if params.num_beams > 1 and params.sampled:  # feature: beam search
+            return ("the openvino engine runs deterministic beam search only (not beam sampling): use the static "
+                    "engine")
+        constraint = getattr(params, "constraint", None)  # feature: structured output
+        if constraint is not None and constraint.kind == "json":
+            return ("the openvino engine has no any-JSON constraint (json=True); use json_schema, or "
+                    "engine='auto', 'continuous' or 'static'")
+        return super().unsupported_params(params)
 
     @classmethod
     def available(cls) -> str | None:
@@ -258,6 +275,19 @@ class OpenVINOEngine(EngineBase):
         self.load_seconds = time.perf_counter() - started
         logger.info("OpenVINO: pipeline on %s with %s in %.1f s", ov_device, properties, self.load_seconds)
 
+    def structured_output_problem(self) -> str | None:
+        """Why this pipeline cannot constrain answers (its OpenVINO tokenizer does not expose its vocabulary,
+        which OpenVINO GenAI's XGrammar backend needs), or None. (feature: structured output)"""
+        if not hasattr(self, "_structured_problem"):
+            try:
+                empty = len(self.pipeline.get_tokenizer().get_vocab_vector()) == 0
+            except Exception:  # noqa: BLE001 - OpenVINO raises when the tokenizer has no vocabulary
+                empty = True
+            self._structured_problem = (
+                "this model's OpenVINO tokenizer does not expose its vocabulary, which OpenVINO GenAI's structured "
+                "output needs: use engine='auto', 'continuous' or 'static'") if empty else None
+        return self._structured_problem
+
     # -- parameters ---------------------------------------------------------------------------------
     def generation_config(self, request: Request):
         """OpenVINO's GenerationConfig for one request (its own budget, seed and stop tokens)."""
@@ -278,6 +308,14 @@ class OpenVINOEngine(EngineBase):
             config.no_repeat_ngram_size = int(hf.no_repeat_ngram_size)
         config.num_return_sequences = request.params.num_return_sequences
         config.do_sample = bool(hf.do_sample)
+        if request.params.num_beams > 1:  # feature: beam search: HF's settings under OpenVINO's names
+            config.num_beams = request.params.num_beams
+            config.num_beam_groups = int(getattr(hf, "num_beam_groups", None) or 1)
+            config.diversity_penalty = float(getattr(hf, "diversity_penalty", None) or 0.0)
+            config.length_penalty = float(hf.length_penalty if hf.length_penalty is not None else 1.0)
+            stop = self._genai.StopCriteria
+            config.stop_criteria = (stop.EARLY if hf.early_stopping is True
+                                    else stop.NEVER if hf.early_stopping == "never" else stop.HEURISTIC)
         if hf.do_sample:
             config.temperature = float(hf.temperature if hf.temperature is not None else 1.0)
             config.top_p = float(hf.top_p if hf.top_p is not None else 1.0)
@@ -287,6 +325,20 @@ class OpenVINOEngine(EngineBase):
                 config.min_p = float(hf.min_p)
             if request.seed is not None:
                 config.rng_seed = int(request.seed) & 0xFFFFFFFF
+        constraint = request.params.constraint
+        if constraint is not None:  # feature: structured output: StructuredOutputConfig (XGrammar inside)
+            from ..constrained import choices_grammar
+
+            structured = self._genai.StructuredOutputConfig()
+            if constraint.kind == "json_schema":
+                structured.json_schema = constraint.value
+            elif constraint.kind == "regex":
+                structured.regex = constraint.value
+            elif constraint.kind == "choices":
+                structured.grammar = choices_grammar(constraint.choices)
+            else:
+                structured.grammar = constraint.value
+            config.structured_output_config = structured
         return config
 
     # -- running ------------------------------------------------------------------------------------
@@ -311,6 +363,8 @@ class OpenVINOEngine(EngineBase):
         """Chunks of ``2 * max_num_seqs`` requests, each one ``generate`` call of the continuous-batching
         pipeline (its C++ loop: stepping it from Python measured ~15-25% slower); results stream per chunk."""
         requests = list(requests)
+        if any(r.params.constraint is not None for r in requests) and self.structured_output_problem():
+            raise ValueError(f"The openvino engine cannot run structured output: {self.structured_output_problem()}.")
         for start in range(0, len(requests), self.chunk_size):
             chunk, inputs, configs = [], [], []
             for request in requests[start:start + self.chunk_size]:

@@ -18,10 +18,11 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ..errors import BatchFailed
-from ..requests import EngineOutput, Request, token_id_list
+from ..requests import EngineOutput, RawLogprobs, Request, token_id_list
 from ..sampling import SeededSampler, greedy_config
 from ..scheduling import is_out_of_memory, release_memory
 from .base import EngineBase, EngineContext, EngineStats, input_device
+from .logprobs import prompt_logprobs, sequence_logprobs
 
 logger = logging.getLogger("simple_generation")
 
@@ -67,6 +68,20 @@ class StaticEngine(EngineBase):
     @classmethod
     def create(cls, context: EngineContext) -> StaticEngine:
         return cls(context.model, context.tokenizer, context.is_encoder_decoder)
+
+    def unsupported(self, params) -> str | None:
+        if self.is_encoder_decoder and params.prompt_logprobs is not None:  # feature: logprobs
+            return "prompt_logprobs needs a causal (decoder-only) model: an encoder's input is not predicted"
+        return super().unsupported(params)
+
+    @classmethod
+    def unsupported_params(cls, params) -> str | None:
+        if params.constraint is not None:  # feature: structured output
+            from ..constrained import xgrammar_missing
+
+            if xgrammar_missing():
+                return xgrammar_missing()
+        return super().unsupported_params(params)
 
     def configure(self, batch_size: int, auto: bool, sort: bool = True) -> None:
         self.batch_size, self.auto, self.sort = batch_size, auto, sort
@@ -117,6 +132,10 @@ class StaticEngine(EngineBase):
         if stopping:
             call_kwargs["stopping_criteria"] = StoppingCriteriaList(
                 list(call_kwargs.get("stopping_criteria") or []) + stopping)
+        if any(r.params.constraint is not None for r in requests):  # feature: structured output
+            # the grammar masks come after the caller's processors, before the seeded sampler (added below)
+            call_kwargs["logits_processor"] = LogitsProcessorList(
+                list(call_kwargs.get("logits_processor") or []) + [self._grammar_processor(requests, n, config)])
         if seeded:
             rows = []
             for r in requests:
@@ -124,6 +143,11 @@ class StaticEngine(EngineBase):
                 rows.extend((seed, j) for j in range(n))
             call_kwargs["logits_processor"] = LogitsProcessorList(
                 list(call_kwargs.get("logits_processor") or []) + [SeededSampler(params.config, rows)])
+        # feature: logprobs: the raw logits of every step (before any processor), for the rows that ask
+        want_logprobs = any(r.params.logprobs is not None for r in requests)
+        if want_logprobs:
+            config.output_logits = True
+            config.return_dict_in_generate = True
         if self.on_batch_start is not None:
             self.on_batch_start(len(requests))
         output = self.model.generate(**inputs, generation_config=config, **call_kwargs)
@@ -142,8 +166,43 @@ class StaticEngine(EngineBase):
             # rows that finished early (stop strings, own budget) are padded up to the batch's end
             rows_list = [_strip_trailing(row, pad_id) for row in rows_list]
         per = len(rows_list) // len(requests)
-        return [EngineOutput(sequences=[row[: r.max_new_tokens] for row in rows_list[i * per:(i + 1) * per]])
-                for i, r in enumerate(requests)]
+        outputs = [EngineOutput(sequences=[row[: r.max_new_tokens] for row in rows_list[i * per:(i + 1) * per]])
+                   for i, r in enumerate(requests)]
+        if want_logprobs:
+            self._add_logprobs(requests, outputs, output.logits, per)
+        for request, engine_output in zip(requests, outputs):
+            if request.params.prompt_logprobs is not None:
+                engine_output.prompt_logprobs = prompt_logprobs(self.model, request.token_ids,
+                                                                request.params.prompt_logprobs, self.input_device)
+        return outputs
+
+    @staticmethod
+    def _add_logprobs(requests: Sequence[Request], outputs: list[EngineOutput], logits: tuple[torch.Tensor, ...],
+                      per: int) -> None:
+        """Each asking request's sequences' logprobs from ``generate``'s raw logits (one tensor per step, a row
+        per sequence: request ``i``'s sequences are rows ``i * per ...``)."""
+        for i, (request, engine_output) in enumerate(zip(requests, outputs)):
+            k = request.params.logprobs
+            if k is None:
+                continue
+            engine_output.logprobs = []
+            for j, sequence in enumerate(engine_output.sequences):
+                row = i * per + j
+                steps = torch.stack([step[row] for step in logits[: len(sequence)]]) if sequence else None
+                engine_output.logprobs.append(sequence_logprobs(steps, sequence, k) if sequence else RawLogprobs())
+
+    def _grammar_processor(self, requests: Sequence[Request], n: int, config):
+        """One grammar matcher per batch row (``n`` rows per request, as ``generate`` lays them out)."""
+        from ..constrained import GrammarLogitsProcessor, compile_constraint, model_vocab_size, new_matcher
+
+        vocab = model_vocab_size(self.model.config)
+        stops = sorted(set(token_id_list(config.eos_token_id)))
+        matchers = []
+        for request in requests:
+            constraint = request.params.constraint
+            compiled = None if constraint is None else compile_constraint(constraint, self.tokenizer, vocab)
+            matchers.extend(None if compiled is None else new_matcher(compiled, stops) for _ in range(n))
+        return GrammarLogitsProcessor(matchers, vocab or self.model.config.vocab_size)
 
     # ------------------------------------------------------------------ the stream
     def _order(self, requests: Sequence[Request]) -> list[list[Request]]:

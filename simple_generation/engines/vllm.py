@@ -44,7 +44,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..requests import EngineOutput, Request, token_id_list
+from ..requests import EngineOutput, RawLogprobs, Request, token_id_list
 from .base import EngineBase, EngineContext, EngineStats
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,11 @@ class VLLMEngine(EngineBase):
     name = "vllm"
     needs_hf_model = False
     unsupported_settings = _UNSUPPORTED_FIELDS
+    supports_beam_search = True  # feature: beam search: LLM.beam_search, where its semantics are HF's (below)
+
+    @classmethod
+    def unsupported_params(cls, params) -> str | None:
+        return super().unsupported_params(params) or (_beam_refusal(params) if params.num_beams > 1 else None)
 
     @classmethod
     def available(cls) -> str | None:
@@ -230,6 +235,15 @@ class VLLMEngine(EngineBase):
         logger.info("vLLM: %s started in %.1f s (%s)", model_name_or_path, self.start_seconds,
                     "in-process" if self.in_process else "vLLM's processes")
 
+    def structured_output_problem(self) -> str | None:
+        """Why this engine cannot constrain answers: vLLM's structured outputs need its tokenizer, which this
+        engine skips by default (it is given token ids and returns token ids). (feature: structured output)"""
+        if self.engine_args.get("skip_tokenizer_init"):
+            return ("the vllm engine runs without its tokenizer (skip_tokenizer_init=True, the default here) and "
+                    "vLLM's structured outputs need it: pass skip_tokenizer_init=False, or use engine='auto', "
+                    "'continuous' or 'static'")
+        return None
+
     # -- parameters ---------------------------------------------------------------------------------
     def sampling_params(self, request: Request):
         hf = request.params.config
@@ -255,11 +269,26 @@ class VLLMEngine(EngineBase):
                 kwargs["seed"] = int(request.seed)
         else:
             kwargs["temperature"] = 0.0
+        # feature: logprobs: vLLM's native ones (its default logprobs mode: raw logprobs, before processors)
+        if request.params.logprobs is not None:
+            kwargs["logprobs"] = int(request.params.logprobs)
+        if request.params.prompt_logprobs is not None:
+            kwargs["prompt_logprobs"] = int(request.params.prompt_logprobs)
+        if request.params.constraint is not None:  # feature: structured output: vLLM's own (XGrammar by default)
+            kwargs.update(_structured_outputs(request.params.constraint))
         return self._sampling_params(**kwargs)
 
     # -- running ------------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
             ) -> Iterator[tuple[Request, EngineOutput]]:
+        beams = [request for request in requests if request.params.num_beams > 1]  # feature: beam search
+        if beams:
+            yield from self._run_beams(beams, isolate_errors)
+            requests = [request for request in requests if request.params.num_beams == 1]
+            if not requests:
+                return
+        if any(r.params.constraint is not None for r in requests) and self.structured_output_problem():
+            raise ValueError(f"The vllm engine cannot run structured output: {self.structured_output_problem()}.")
         engine = self.llm.llm_engine
         by_id: dict[str, Request] = {}
         window = max(1, 4 * int(self.engine_args.get("max_num_seqs") or 256))
@@ -301,13 +330,189 @@ class VLLMEngine(EngineBase):
                 completions = sorted(output.outputs, key=lambda c: c.index)
                 sequences = [list(c.token_ids) for c in completions]
                 reasons = [c.finish_reason if c.finish_reason in ("stop", "length") else None for c in completions]
-                yield request, EngineOutput(sequences=sequences, finish_reasons=reasons)
+                result = EngineOutput(sequences=sequences, finish_reasons=reasons)
+                if request.params.logprobs is not None:
+                    result.logprobs = [_raw_logprobs(c.logprobs, c.token_ids, request.params.logprobs)
+                                       for c in completions]
+                if request.params.prompt_logprobs is not None:
+                    result.prompt_logprobs = _raw_logprobs(list(output.prompt_logprobs or [None])[1:],
+                                                           request.token_ids[1:], request.params.prompt_logprobs)
+                yield request, result
+
+    # feature: beam search ------------------------------------------------------------------------------
+    def _run_beams(self, requests: Sequence[Request], isolate_errors: bool
+                   ) -> Iterator[tuple[Request, EngineOutput]]:
+        """HF's beam search (``transformers``' ``_beam_search``, step for step) over vLLM's engine.
+
+        ``LLM.beam_search`` was measured to differ from HF's whenever a beam meets EOS: it keeps every finished
+        candidate of each beam's top ``2 * num_beams`` (HF only those among the step's best ``num_beams``), divides
+        by prompt + answer length, and never stops early. So the search is HF's, run here; vLLM scores each step:
+        every live beam is one request of one token whose top ``beams_to_keep`` raw log-probabilities (fp32
+        log-softmax, as HF's before its processors, of which beams here have none) give the candidates."""
+        searches = [_BeamSearch(request) for request in requests]
+        live = list(searches)
+        while live:
+            beams = [(search, beam) for search in live for beam in search.live_beams()]
+            try:
+                tops = self._step_logprobs([search.request.token_ids + tokens for search, (tokens, _) in beams],
+                                           [search.keep for search, _ in beams])
+            except Exception as error:
+                if not isolate_errors:
+                    raise
+                for search in live:
+                    yield search.request, EngineOutput(error=f"vLLM beam search failed: {type(error).__name__}: "
+                                                             f"{error}")
+                return
+            self.stats.batches += 1
+            self.stats.batch_size = max(self.stats.batch_size, len(beams))
+            per_search: dict[int, list] = {}
+            for (search, beam), top in zip(beams, tops):
+                per_search.setdefault(id(search), []).append((beam, top))
+            still = []
+            for search in live:
+                if search.step(per_search.get(id(search), [])):
+                    still.append(search)
+                else:
+                    yield search.request, EngineOutput(sequences=search.best())
+            live = still
+
+    def _step_logprobs(self, prompts: list[list[int]], ks: list[int]) -> list[list[tuple[int, float]]]:
+        """For each prompt, its next token's ``k`` most likely ``(token id, raw logprob)``, best first."""
+        engine = self.llm.llm_engine
+        keys = []
+        for number, (prompt, k) in enumerate(zip(prompts, ks)):
+            key = f"sg-beam-{number}-{id(prompts)}"
+            params = self._sampling_params(n=1, max_tokens=1, temperature=0.0, logprobs=k, detokenize=False,
+                                           ignore_eos=True, output_kind=self._final_only)
+            engine.add_request(key, {"prompt_token_ids": prompt}, params, lora_request=self.lora_request)
+            keys.append(key)
+        found: dict[str, list[tuple[int, float]]] = {}
+        pending = set(keys)
+        try:
+            while pending:
+                for output in engine.step():
+                    if output.finished and output.request_id in pending:
+                        pending.discard(output.request_id)
+                        entries = output.outputs[0].logprobs[0]
+                        ranked = sorted(((float(info.logprob), int(token)) for token, info in entries.items()),
+                                        key=lambda entry: -entry[0])
+                        found[output.request_id] = [(token, logprob) for logprob, token in ranked]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                engine.abort_request(list(pending))
+            raise
+        return [found[key][:k] for key, k in zip(keys, ks)]
 
     def _abort(self, by_id: dict[str, Request]) -> None:
         if by_id:
             with contextlib.suppress(Exception):
                 self.llm.llm_engine.abort_request(list(by_id))
             by_id.clear()
+
+
+class _BeamSearch:
+    """One request's beam search, as ``transformers``' ``GenerationMixin._beam_search`` does it for one prompt
+    (its tensors as lists): running beams, the ``num_beams`` best finished ones, its early-stop heuristic.
+    (feature: beam search)"""
+
+    def __init__(self, request: Request):
+        config = request.params.config
+        self.request = request
+        self.num_beams = request.params.num_beams
+        self.eos = set(token_id_list(config.eos_token_id))
+        self.keep = max(2, 1 + len(self.eos)) * self.num_beams  # HF's beams_to_keep
+        self.length_penalty = float(config.length_penalty if config.length_penalty is not None else 1.0)
+        self.early_stopping = config.early_stopping
+        self.budget = int(request.max_new_tokens)
+        self.generated = 0
+        self.running = [([], 0.0)] + [([], -1e9)] * (self.num_beams - 1)  # only the first beam starts live
+        self.finished = [([], -1e9, False)] * self.num_beams  # (tokens, score, finished), best first
+        self.improvable = True
+
+    def live_beams(self) -> list[tuple[list[int], float]]:
+        """Running beams worth a forward pass: a beam at -1e9 (a placeholder) never reaches the top-k."""
+        return [beam for beam in self.running if beam[1] > -1e8]
+
+    def step(self, scored: list) -> bool:
+        """One decoding step from ``[(beam, [(token, logprob), ...]), ...]``; False when the search is over."""
+        candidates = sorted(((score + logprob, tokens + [token]) for (tokens, score), top in scored
+                             for token, logprob in top), key=lambda c: -c[0])[:self.keep]
+        last = self.generated + 1 >= self.budget
+        hits = [last or tokens[-1] in self.eos for _, tokens in candidates]
+        running = sorted(((tokens, score - (1e9 if hit else 0.0)) for (score, tokens), hit in zip(candidates, hits)),
+                         key=lambda beam: -beam[1])[:self.num_beams]
+        full = all(done for _, _, done in self.finished)
+        merged = list(self.finished)
+        for rank, ((score, tokens), hit) in enumerate(zip(candidates, hits)):
+            value = score / ((self.generated + 1) ** self.length_penalty)
+            if full and self.early_stopping is True:
+                value -= 1e9
+            if not self.improvable:
+                value -= 1e9
+            just_finished = hit and rank < self.num_beams
+            if not just_finished:
+                value -= 1e9
+            merged.append((tokens, value, just_finished))
+        self.finished = sorted(merged, key=lambda entry: -entry[1])[:self.num_beams]
+        self.running = running
+        self.generated += 1
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            hypothetical = self.budget
+        else:
+            hypothetical = self.generated
+        best_possible = self.running[0][1] / (hypothetical ** self.length_penalty)
+        worst = min(score for _, score, _ in self.finished)
+        self.improvable = self.improvable and any(best_possible > (worst if done else -1e9)
+                                                  for _, _, done in self.finished)
+        all_finished = all(done for _, _, done in self.finished)
+        return self.improvable and not (all_finished and self.early_stopping is True) and not all(hits)
+
+    def best(self) -> list[list[int]]:
+        return [list(tokens) for tokens, _, _ in self.finished[:self.request.params.num_return_sequences]]
+
+
+def _beam_refusal(params) -> str | None:
+    """Why the vLLM engine cannot run HF's beam search for these parameters (None: it can). Every
+    ``length_penalty`` and ``early_stopping`` is HF's own (the search is HF's, see ``VLLMEngine._run_beams``);
+    what beams here cannot have: groups, sampling, logits processors. (feature: beam search)"""
+    config = params.config
+    if getattr(config, "num_beam_groups", 1) not in (None, 1):
+        return "the vllm engine does not run group (diverse) beam search: use the static engine"
+    if params.sampled:
+        return "the vllm engine runs deterministic beam search only (not beam sampling): use the static engine"
+    if config.repetition_penalty not in (None, 1.0) or (config.min_new_tokens or 0) > 0 or (config.min_length or 0):
+        return ("the vllm engine's beam search applies no logits processors (repetition_penalty, min_new_tokens): "
+                "use the static engine")
+    keep = max(2, 1 + len(token_id_list(config.eos_token_id))) * params.num_beams
+    if keep > 20:
+        return (f"num_beams={params.num_beams} needs the {keep} best tokens of each step from vLLM, more than its "
+                "max_logprobs (20): use the static engine")
+    return None
+
+
+def _structured_outputs(constraint) -> dict[str, Any]:
+    """vLLM's structured-output parameters for a constraint (``structured_outputs``; ``guided_decoding`` before
+    vLLM 0.11), compact JSON as the HF engines generate it. (feature: structured output)"""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams as Params
+
+        key = "structured_outputs"
+    except ImportError:  # older vLLM
+        from vllm.sampling_params import GuidedDecodingParams as Params
+
+        key = "guided_decoding"
+    kind, value = constraint.kind, constraint.value
+    if kind == "json_schema":
+        params = Params(json=value, disable_any_whitespace=True)
+    elif kind == "json":
+        params = Params(json_object=True, disable_any_whitespace=True)
+    elif kind == "regex":
+        params = Params(regex=value)
+    elif kind == "choices":
+        params = Params(choice=constraint.choices)
+    else:
+        params = Params(grammar=value)
+    return {key: params}
 
 
 def _distributed_environment(on_cpu: bool) -> dict[str, str | None]:
@@ -322,3 +527,19 @@ def _distributed_environment(on_cpu: bool) -> dict[str, str | None]:
     if not on_cpu and "CUDA_VISIBLE_DEVICES" not in os.environ:
         changes["CUDA_VISIBLE_DEVICES"] = os.environ.get("LOCAL_RANK", "0")
     return changes
+
+
+def _raw_logprobs(positions, tokens, k: int) -> RawLogprobs:
+    """vLLM's per-position ``{token id: Logprob(logprob, rank)}`` (the top ``k`` plus the chosen token) as our
+    :class:`RawLogprobs` (feature: logprobs)."""
+    raw = RawLogprobs()
+    for position, token in zip(positions or [], tokens):
+        entries = dict(position or {})
+        chosen = entries.get(int(token))
+        ranked = sorted(((info.rank if info.rank is not None else 1 << 30, token_id, info.logprob)
+                         for token_id, info in entries.items()), key=lambda entry: (entry[0], -entry[2]))[:k]
+        raw.token_ids.append(int(token))
+        raw.logprobs.append(float(chosen.logprob) if chosen is not None else float("-inf"))
+        raw.top_ids.append([int(token_id) for _, token_id, _ in ranked])
+        raw.top_logprobs.append([float(value) for _, _, value in ranked])
+    return raw

@@ -49,11 +49,15 @@ _BOM = b"\xef\xbb\xbf"
 # OpenAI Batch request bodies: keys we map, keys that change nothing here, keys that need a neutral value.
 _OPENAI_PARAMS = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "seed", "top_k",
                   "min_p", "repetition_penalty"}
+_OPENAI_PARAMS |= {"logprobs", "top_logprobs"}  # feature: logprobs (`logprobs: true` + `top_logprobs: k`)
 _OPENAI_IGNORED = {"model", "user", "metadata", "store", "service_tier", "messages", "prompt", "stream_options"}
-_OPENAI_NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False, None),
+_OPENAI_NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
                    "stream": (False, None), "echo": (False, None), "best_of": (1, None), "parallel_tool_calls":
                    (True, False, None), "tool_choice": ("none", None), "tools": (None,), "response_format":
                    ({"type": "text"}, None)}
+# feature: structured output: `response_format` (json_schema / json_object / text) maps onto SamplingParams
+_OPENAI_PARAMS |= {"response_format"}
+del _OPENAI_NEUTRAL["response_format"]
 
 
 def detect_format(path: str | Path, input_format: str | None = None) -> str:
@@ -389,6 +393,20 @@ def read_records(
             continue
         index += 1
         yield record
+
+
+def read_rows(path: str | Path, *, input_format: str | None = None, limit: int | None = None,
+              stdin: BinaryIO | None = None) -> Iterator[tuple[str, Any]]:
+    """The raw rows of ``path`` as ``(where, value)``: parsed JSON values (a dict per CSV/parquet row), no
+    prompt field required (``simple-generation score`` reads its ``context``/``continuation`` records so);
+    a bad line raises :class:`InputError` naming it."""
+    rows, _ = _open_rows(path, detect_format(path, input_format), stdin)
+    for count, (where, raw) in enumerate(rows):
+        if limit is not None and count >= limit:
+            break
+        if isinstance(raw, InputError):
+            raise raw
+        yield where, raw
 
 
 class UniqueCustomIds:

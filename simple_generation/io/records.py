@@ -141,24 +141,40 @@ def _get(result: Any, name: str, default: Any = None) -> Any:
     return getattr(result, name, default) if not isinstance(result, Mapping) else result.get(name, default)
 
 
-def output_record(record: InputRecord, result: Any = None, *, duplicate_of: int | None = None) -> dict[str, Any]:
+def logprobs_json(entries: Any) -> list[dict[str, Any] | None] | None:
+    """Typed logprobs (:class:`~simple_generation.results.TokenLogprob` entries; None for a prompt's first
+    token) as JSON: ``{"token_id", "token", "logprob", "top_logprobs": [{"token_id", "token", "logprob"}]}``."""
+    if entries is None:
+        return None
+    return [None if entry is None else
+            {"token_id": entry.token_id, "token": entry.token, "logprob": entry.logprob,
+             "top_logprobs": [{"token_id": top.token_id, "token": top.token, "logprob": top.logprob}
+                              for top in entry.top]}
+            for entry in entries]
+
+
+def output_record(record: InputRecord, result: Any = None, *, duplicate_of: int | None = None,
+                  reasoning: bool = False) -> dict[str, Any]:
     """The output record of ``record``: its carried fields, then ``index``, ``prompt`` (as given, not the
     template-formatted text), ``answer`` (a list when n > 1), ``finish_reason``, ``prompt_tokens``,
     ``completion_tokens``, ``error`` (None when fine), and ``duplicate_of`` when it was not generated because
-    it is a near-duplicate of an earlier record.
+    it is a near-duplicate of an earlier record. With ``reasoning`` (the run splits reasoning off: a reasoning
+    model), ``reasoning`` follows ``answer`` in every record (None without a block; a list when n > 1), so the
+    records of other models keep exactly their fields.
 
     ``result`` is a ``GenerationResult`` (or a mapping with some of its names, e.g. ``{"error": ...}``); None
     with ``duplicate_of``.
     """
     out: dict[str, Any] = {}
     for key, value in record.fields.items():
-        out[f"input_{key}" if key in OUTPUT_KEYS else key] = value
+        out[f"input_{key}" if key in OUTPUT_KEYS or (reasoning and key == "reasoning") else key] = value
     if record.custom_id is not None and "custom_id" not in out:
         out["custom_id"] = record.custom_id
     out["index"] = record.index
     out["prompt"] = record.prompt
     if result is None:
-        out.update(answer=None, finish_reason=None, prompt_tokens=None, completion_tokens=None, error=None)
+        out.update(answer=None, **({"reasoning": None} if reasoning else {}), finish_reason=None, prompt_tokens=None,
+                   completion_tokens=None, error=None)
     else:
         error = _get(result, "error")
         outputs = _get(result, "outputs") or []
@@ -170,6 +186,9 @@ def output_record(record: InputRecord, result: Any = None, *, duplicate_of: int 
         else:
             answer = outputs[0].text
         out["answer"] = answer
+        if reasoning:  # feature: reasoning
+            thoughts = [getattr(output, "reasoning", None) for output in outputs]
+            out["reasoning"] = None if answer is None else thoughts if many else thoughts[0]
         if many:
             out["finish_reason"] = [output.finish_reason for output in outputs]
         else:
@@ -177,6 +196,13 @@ def output_record(record: InputRecord, result: Any = None, *, duplicate_of: int 
         out["prompt_tokens"] = _get(result, "prompt_tokens")
         out["completion_tokens"] = _get(result, "completion_tokens")
         out["error"] = error
+        # feature: logprobs: only in the records of prompts that asked (the others keep exactly their fields)
+        if error is None and any(getattr(output, "logprobs", None) is not None for output in outputs):
+            values = [logprobs_json(getattr(output, "logprobs", None)) for output in outputs]
+            out["logprobs"] = values if many else values[0]
+        prompt_logprobs = _get(result, "prompt_logprobs")
+        if error is None and prompt_logprobs is not None:
+            out["prompt_logprobs"] = logprobs_json(prompt_logprobs)
         if duplicate_of is None:
             duplicate_of = _get(result, "duplicate_of")
     if duplicate_of is not None:

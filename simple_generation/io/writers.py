@@ -61,6 +61,38 @@ def _short_hash(*parts: Any, size: int = 12) -> str:
                            digest_size=size).hexdigest()
 
 
+def _token_bytes(token: str) -> list[int] | None:
+    """A token's UTF-8 bytes; None when its text is not whole characters (a piece of a character decodes to
+    U+FFFD on its own)."""
+    return None if "\ufffd" in token else list(token.encode("utf-8", "surrogatepass"))
+
+
+def openai_logprobs(entries: list[dict[str, Any]] | None, *, chat: bool = True) -> dict[str, Any] | None:
+    """An answer's logprobs (an output record's ``logprobs`` entries) in OpenAI's shape: chat completions'
+    ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal": null}``; legacy
+    completions' ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``. (feature:
+    logprobs)
+
+    Example:
+        >>> openai_logprobs([{"token_id": 5, "token": "Hi", "logprob": -0.5, "top_logprobs": []}])["content"]
+        [{'token': 'Hi', 'logprob': -0.5, 'bytes': [72, 105], 'top_logprobs': []}]
+    """
+    if entries is None:
+        return None
+    if chat:
+        return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": _token_bytes(e["token"]),
+                             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
+                                               "bytes": _token_bytes(t["token"])} for t in e["top_logprobs"]]}
+                            for e in entries], "refusal": None}
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
 def openai_batch_line(record: dict[str, Any], *, chat: bool = True, model: str | None = None,
                       created: int | None = None) -> dict[str, Any]:
     """An OpenAI Batch output line for an output record (see :func:`..records.output_record`).
@@ -85,14 +117,22 @@ def openai_batch_line(record: dict[str, Any], *, chat: bool = True, model: str |
     answers = answers if isinstance(answers, list) else [answers]
     reasons = record.get("finish_reason")
     reasons = reasons if isinstance(reasons, list) else [reasons] * len(answers)
+    logprobs = record.get("logprobs")  # feature: logprobs (a list per answer; one answer's list when n == 1)
+    logprobs = [None] * len(answers) if logprobs is None else [logprobs] if len(answers) == 1 else logprobs
+    thoughts = record.get("reasoning")  # feature: reasoning: as vLLM's and DeepSeek's `reasoning_content`
+    thoughts = thoughts if isinstance(thoughts, list) else [thoughts] * len(answers)
     choices = []
     for position, (text, reason) in enumerate(zip(answers, reasons)):
         reason = "length" if reason == "length" else "stop"
         if chat:
-            choices.append({"index": position, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": None, "finish_reason": reason})
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if thoughts[position] is not None:
+                message["reasoning_content"] = thoughts[position]
+            choices.append({"index": position, "message": message, "logprobs": openai_logprobs(logprobs[position]),
+                            "finish_reason": reason})
         else:
-            choices.append({"text": text, "index": position, "logprobs": None, "finish_reason": reason})
+            choices.append({"text": text, "index": position,
+                            "logprobs": openai_logprobs(logprobs[position], chat=False), "finish_reason": reason})
     prompt_tokens = record.get("prompt_tokens") or 0
     completion_tokens = record.get("completion_tokens") or 0
     body = {
