@@ -123,11 +123,10 @@ class StoreProxy:
         self._server = server
         self.path = path
 
-    def get_many(self, keys: Sequence[str], include_errors: bool = False) -> dict:
+    def get_many(self, keys: Sequence[str]) -> dict:
         import ray
 
-        found = ray.get(self._server.get_many.remote(list(keys)))
-        return found if include_errors else {k: a for k, a in found.items() if a.error is None}
+        return ray.get(self._server.get_many.remote(list(keys)))
 
     def put(self, answer, model: str, prompt: str, params: str) -> None:
         self.put_many([(answer, model, prompt, params)])
@@ -496,6 +495,7 @@ class RayGenerator:
         in ``texts``). Arguments as ``SimpleGenerator.stream``'s; ``plain_prompts``: string prompts go to
         the model as they are (no template). ``near_duplicates`` is decided here, on the prompts' text."""
         from .formatting import validate_inputs
+        from .sampling_params import check_params_list
 
         if self._session is None:
             raise RuntimeError("Use RayGenerator as a context manager: `with RayGenerator(...) as gen:`.")
@@ -503,10 +503,7 @@ class RayGenerator:
             raise ValueError(f'on_error must be "raise" or "record", got {on_error!r}.')
         inputs = validate_inputs(texts)
         n = len(inputs)
-        if params is not None and (isinstance(params, dict) or not isinstance(params, Sequence)
-                                   or len(params) != n):
-            raise ValueError(f"params must be a list with one dict (or None) per prompt: {n} prompts, got "
-                             f"{len(params) if isinstance(params, Sequence) else type(params).__name__}.")
+        check_params_list(params, n)
         proxy = self._store_proxy(store)
         return self._run(inputs, params, near_duplicates, show_progress_bar,
                          dict(call, store=proxy, on_error=on_error, plain_prompts=plain_prompts))

@@ -29,13 +29,10 @@ from typing import Any
 
 INSTALL_HINT = 'structured output needs XGrammar: pip install "simple-generation[structured]" (xgrammar>=0.2)'
 
-CONSTRAINT_FIELDS = ("json_schema", "json", "regex", "choices", "grammar")
-"""The SamplingParams fields that constrain an answer (at most one per prompt)."""
-
 
 @dataclass(frozen=True)
 class Constraint:
-    """One prompt's constraint: ``kind`` (a :data:`CONSTRAINT_FIELDS` name) and its canonical ``value`` text
+    """One prompt's constraint: ``kind`` (a ``CONSTRAINT_FIELDS`` name) and its canonical ``value`` text
     (the schema as canonical JSON, ``""`` for any JSON, the regex, the choices as a JSON list, the grammar)."""
 
     kind: str

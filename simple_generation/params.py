@@ -15,9 +15,9 @@ from typing import Any
 from transformers import GenerationConfig
 
 from .config import DefaultGenerationConfig, build_generation_config, split_generation_kwargs
-from .constrained import CONSTRAINT_FIELDS, constraint_of
+from .constrained import constraint_of
 from .requests import GenerationParams, token_id_list
-from .sampling_params import SamplingParams
+from .sampling_params import CONSTRAINT_FIELDS, SamplingParams, check_params_list
 
 # Config entries that never change an answer (bookkeeping), left out of fingerprints.
 _NOT_ANSWER_RELEVANT = {"transformers_version", "_from_model_config", "_commit_hash", "return_dict_in_generate",
@@ -84,10 +84,7 @@ class ParamsBuilder:
                     ) -> list[GenerationParams]:
         """One :class:`GenerationParams` per prompt: the call's keywords, with each prompt's own ``params``
         (a dict, a :class:`SamplingParams` or None) on top. Errors name ``params[i]``."""
-        if params is not None:
-            if isinstance(params, (Mapping, SamplingParams)) or not isinstance(params, Sequence) or len(params) != n:
-                raise ValueError(f"params must be a list with one dict (or None) per prompt: {n} prompts, got "
-                                 f"{len(params) if isinstance(params, Sequence) else type(params).__name__}.")
+        check_params_list(params, n)
         base, call_kwargs = self.split_call(generation_kwargs)
         base_params = self.build(base, call_kwargs) if n else None
         per_prompt: list[GenerationParams] = []

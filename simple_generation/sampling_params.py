@@ -34,7 +34,7 @@ import dataclasses
 import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -42,18 +42,19 @@ ALIASES: dict[str, str] = {"max_tokens": "max_new_tokens", "max_completion_token
                            "n": "num_return_sequences", "stop": "stop_strings"}
 """The one alias table: another name -> the field it sets."""
 
+CONSTRAINT_FIELDS = ("json_schema", "json", "regex", "choices", "grammar")
+"""The structured-output fields (see :mod:`simple_generation.constrained`): at most one per prompt."""
+
 PER_PROMPT_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop_strings", "seed",
-                     "num_return_sequences", "do_sample", "repetition_penalty")
-# feature: logprobs (per prompt too)
-PER_PROMPT_FIELDS += ("logprobs", "prompt_logprobs")
+                     "num_return_sequences", "do_sample", "repetition_penalty", "logprobs", "prompt_logprobs",
+                     *CONSTRAINT_FIELDS)
 """The fields a prompt (``params=[...]``, a file record, an OpenAI Batch body) may set for itself; the others
 (``num_beams``, ``min_new_tokens``, any other ``GenerationConfig`` field) are set for a whole call or run."""
 
-PER_PROMPT_KEYS = frozenset(PER_PROMPT_FIELDS) | frozenset(k for k, v in ALIASES.items() if v in PER_PROMPT_FIELDS)
-PER_PROMPT_KEYS |= {"top_logprobs"}  # feature: logprobs: OpenAI's `logprobs: true` + `top_logprobs: k`
-# feature: structured output (per prompt too); OpenAI's `response_format` maps onto these fields
-PER_PROMPT_FIELDS += ("json_schema", "json", "regex", "choices", "grammar")
-PER_PROMPT_KEYS |= {"json_schema", "json", "regex", "choices", "grammar", "response_format"}
+# the fields, their aliases, and the OpenAI keys that map onto fields (`top_logprobs` with `logprobs: true`,
+# `response_format` onto a constraint)
+PER_PROMPT_KEYS = (frozenset(PER_PROMPT_FIELDS) | frozenset(k for k, v in ALIASES.items() if v in PER_PROMPT_FIELDS)
+                   | {"top_logprobs", "response_format"})
 """The per-prompt fields and their aliases: the record keys that are parameters rather than carried fields."""
 
 # transformers' GenerationConfig fields that change an answer (4.56-5.x), known without importing it: a record
@@ -104,7 +105,6 @@ _RULES: dict[str, tuple[str, float | None, bool, float | None]] = {
     "choices": ("choices", None, True, None),
     "grammar": ("text", None, True, None),
 }
-CONSTRAINT_FIELDS = ("json_schema", "json", "regex", "choices", "grammar")  # feature: structured output
 
 FIELD_NAMES = tuple(_RULES)
 """The typed fields of :class:`SamplingParams` (``extra`` aside)."""
@@ -304,6 +304,18 @@ class SamplingParams:
         if any(getattr(other, name) is not None for name in CONSTRAINT_FIELDS):  # feature: structured output
             changes = {**dict.fromkeys(CONSTRAINT_FIELDS), **changes}  # a prompt's constraint replaces the call's
         return dataclasses.replace(self, **changes, extra={**self.extra, **other.extra})
+
+
+def check_params_list(params: Any, n: int) -> None:
+    """Raise ``ValueError`` unless ``params`` is None or a list with one entry per prompt (``n`` prompts).
+
+    Example:
+        >>> check_params_list([None, {"seed": 1}], 2)
+    """
+    if params is not None and (isinstance(params, (Mapping, SamplingParams)) or not isinstance(params, Sequence)
+                               or len(params) != n):
+        raise ValueError(f"params must be a list with one dict (or None) per prompt: {n} prompts, got "
+                         f"{len(params) if isinstance(params, Sequence) else type(params).__name__}.")
 
 
 def value_of(values: Mapping[str, Any], name: str, default: Any = None) -> Any:
