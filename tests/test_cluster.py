@@ -413,7 +413,9 @@ def test_worker_node_killed_mid_job_every_record_once(cluster, reference, llama_
     assert not thread.is_alive(), "the job did not finish"
     assert "error" not in outcome, outcome.get("error")
     assert_every_record_once_in_order(read_records(out), prompts, answers)
-    assert outcome["summary"].generated == N
+    # nothing came from an earlier run; `generated` itself may be below N: the chunk the dead node held is
+    # retried, and answers its replica committed before dying come back from the store (CI saw 199 of 200)
+    assert outcome["summary"].already_done == 0
     while _alive_nodes() > 2:  # the node is gone for good: its work moved to the others
         assert time.time() < deadline, "Ray never marked the killed node dead"
         time.sleep(0.5)
