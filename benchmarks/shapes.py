@@ -8,7 +8,15 @@ so its peak RSS is its own. Workloads:
 
 * ``fixed``: 48 prompts of 3-160 words (log-uniform), 32 new tokens each;
 * ``varied``: 200 such prompts with long-tailed budgets of 4-128 new tokens (per-prompt ``max_new_tokens``;
-  plain HF runs each batch to its longest budget).
+  plain HF runs each batch to its longest budget);
+* ``prefix``: 128 prompts that all begin with one ~512-token few-shot block, then a 10-30-word question
+  each; 16 new tokens (run ``default`` and ``default:prefix_cache=false`` to see the prefix cache's
+  share). The "% matmul peak" column counts the work plain HF does (every prompt token), so a cache
+  that skips work can pass 100%.
+
+When a method's answers differ from plain HF's, the first differing answer is explained: the step where
+it differs and plain HF's two top logits there (a tie within 1e-5 is a legitimate difference; anything
+wider is a bug).
 
 Methods: ``hf`` (plain ``model.generate``, batches of 16 in input order), ``static``, ``continuous``,
 ``default`` (``SimpleGenerator(path)``, nothing named), and ``openvino`` / ``vllm`` when their venvs
@@ -65,6 +73,10 @@ def make_prompts(n: int, seed: int = 0, min_words: int = 3, max_words: int = 160
 def workload(name: str) -> tuple[list[str], list[int]]:
     if name == "fixed":
         return make_prompts(48), [32] * 48
+    if name == "prefix":
+        rng = random.Random(2)
+        block = " ".join(rng.choice(WORDS) for _ in range(510))
+        return [f"{block} {question}" for question in make_prompts(128, seed=3, min_words=10, max_words=30)], [16] * 128
     rng = random.Random(1)
     return make_prompts(200), [int(round(4 * 32 ** (rng.random() ** 2))) for _ in range(200)]
 
@@ -185,13 +197,36 @@ def worker(model_dir: str, method: str, work: str, threads: int) -> dict:
         params = sum(p.numel() for p in gen.model.parameters()) if gen.model is not None else None
         prompt_tokens = sum(len(gen.tokenizer(p)["input_ids"]) for p in prompts)
     loaded = _tree_rss()
-    run(prompts[:4], [2] * 4)   # warm-up: first-call costs stay out of the timing
+    # warm-up: first-call costs stay out of the timing (reversed prompts: no prefix of the real ones cached)
+    run([" ".join(p.split()[::-1]) for p in prompts[:4]], [2] * 4)
     with PeakRSS() as rss:
         start = time.perf_counter()
         answers, engine = run(prompts, budgets)
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "loaded_mb": loaded / 2**20, "peak_mb": rss.peak / 2**20, "answers": answers,
             "engine": engine, "params": params, "prompt_tokens": prompt_tokens, "new_tokens": sum(budgets)}
+
+
+def explain_difference(model_dir, work: str, method: str, answers, reference) -> None:
+    """Print where ``method``'s first answer that differs from plain HF's departs, with HF's two top
+    logits at that step (their gap says whether it is a tie)."""
+    first = next((i for i, (a, b) in enumerate(zip(answers, reference)) if a != b), None)
+    if first is None:
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    step = next((k for k, (a, b) in enumerate(zip(answers[first], reference[first])) if a != b),
+                min(len(answers[first]), len(reference[first])))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt = tokenizer(workload(work)[0][first])["input_ids"]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + reference[first][:step]])).logits[0, -1].float()
+    top = logits.topk(2)
+    print(f"  {method}: answer {first} differs at step {step}: plain HF's top logits {top.values[0]:.6f} "
+          f"(token {int(top.indices[0])}) and {top.values[1]:.6f} (token {int(top.indices[1])}), gap "
+          f"{float(top.values[0] - top.values[1]):.2e}{' (a tie)' if top.values[0] - top.values[1] <= 1e-5 else ''}")
 
 
 def matmul_peak(threads: int) -> float:
@@ -214,7 +249,7 @@ def python_for(method: str) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm-135m"], choices=sorted(MODELS))
-    parser.add_argument("--workloads", nargs="+", default=["fixed", "varied"], choices=["fixed", "varied"])
+    parser.add_argument("--workloads", nargs="+", default=["fixed", "varied"], choices=["fixed", "varied", "prefix"])
     parser.add_argument("--methods", nargs="+",
                         default=["hf", "static", "continuous", "default", "openvino", "vllm"])
     parser.add_argument("--threads", type=int, default=2)
@@ -266,6 +301,9 @@ def main() -> None:
                              **{k: v for k, v in r.items() if k != "answers"}, "vs_hf": speed,
                              "matmul_fraction": flops / r["seconds"] / peak if flops else None,
                              "same_as_hf": same})
+            if base:
+                for method, r in results.items():
+                    explain_difference(model_dir, work, method, r["answers"], base["answers"])
             sys.stdout.flush()
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": args.threads, "matmul_peak": peak, "rows": rows}, indent=1))

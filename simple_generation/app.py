@@ -9,6 +9,8 @@ gradio ``Blocks`` and ``serve(gen)`` launches it on 127.0.0.1.
 - **Batch**: upload a ``.txt``/``.jsonl``/``.csv`` file, run it with a progress bar, preview and download the
   records (the command line's records). Answers go to a SQLite store named after the file's content and the
   parameters, so uploading the same file again (after a reload or a restart) resumes instead of starting over.
+- **Translate**: source and target pickers filled from the languages the model translates (any language for an
+  LLM), a text box, and a file upload run as ``simple-generation translate`` runs it (resumable the same way).
 
 Only uploaded files are read: no path typed in the page ever reaches the server's disk. Messages are shown as
 text (no HTML from a model or a user is rendered), and every response carries a Content-Security-Policy that
@@ -345,6 +347,73 @@ def _run_into(gen, upload: Path, records: list[Any], settings: BatchSettings, st
     return output, [keeping.rows[i] for i in sorted(keeping.rows)]
 
 
+# --------------------------------------------------------------------------------------------- translate logic
+# an LLM translates any language: the pickers offer these and take any other name or tag typed in
+COMMON_LANGUAGES = ("English", "German", "French", "Spanish", "Italian", "Portuguese", "Dutch", "Polish", "Russian",
+                    "Ukrainian", "Chinese", "Japanese", "Korean", "Arabic", "Hindi", "Turkish")
+
+
+def translation_choices(gen) -> tuple[list[tuple[str, str]], bool]:
+    """The Translate tab's picker entries, ``(label, value)``, and whether a typed-in language is accepted too
+    (an LLM: any language)."""
+    from .errors import LanguageError
+    from .translation import languages_of
+
+    try:
+        languages = languages_of(gen)
+    except LanguageError:  # an encoder-decoder with no translation recipe: the tab says so when used
+        return [], False
+    if not languages:
+        return [(name, name) for name in COMMON_LANGUAGES], True
+    return sorted(((f"{name} ({code})", code) for code, name in languages.items()), key=lambda c: c[0]), False
+
+
+def translate_text(gen, text: str, target: str, source: str | None, max_new_tokens: int, lock: Any = None):
+    """One text translated as ``gen.translate`` does (the Translate tab's box)."""
+    with lock if lock is not None else contextlib.nullcontext():
+        return gen.translate(text, target=target, source=source or None, max_new_tokens=int(max_new_tokens),
+                             show_progress_bar=False)
+
+
+def run_translation(gen, upload: str | Path, target: str, source: str | None, max_new_tokens: int,
+                    cache_dir: str | Path, on_progress: Callable[[BatchProgress], None] | None = None,
+                    lock: Any = None) -> tuple[Path, list[dict[str, Any]]]:
+    """Translate every record of an uploaded file with the job layer (as ``simple-generation translate``); a
+    record's own ``source``/``target`` fields win. Returns the results file (JSONL) and its records."""
+    from .io import OrderedWriter
+    from .jobs import JobOptions, JobProgress, ListSource, run_job, store_path
+    from .translation import TranslationJob, TranslationSource, Translator
+
+    upload = Path(upload)
+    if upload.suffix.lower() not in INPUT_SUFFIXES:
+        raise ValueError(f"Upload a {', '.join(INPUT_SUFFIXES)} file (got {upload.name!r}).")
+    data = upload.read_bytes()
+    records = _read_input(upload)
+    if not records:
+        raise ValueError(f"{upload.name} holds no texts.")
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    key = json.dumps({"translate": [target, source or None, int(max_new_tokens)]})
+    store = store_path(cache_dir=cache_dir, content=data, key=upload.suffix.lower() + key)
+    out_dir = Path(tempfile.mkdtemp(prefix="simple-generation-app-"))
+    output = out_dir / f"{upload.stem}.translations.jsonl"
+
+    def progress(p: JobProgress) -> None:
+        on_progress(BatchProgress(p.done, p.total or len(records), p.tokens, p.seconds, p.cached))
+
+    try:
+        translator = Translator(gen)
+        options = JobOptions(store=store, on_error="record", generation={"max_new_tokens": int(max_new_tokens)},
+                             show_progress=False, total=len(records), on_progress=progress if on_progress else None)
+        with lock if lock is not None else contextlib.nullcontext(), OrderedWriter(output, "jsonl") as writer:
+            keeping = _KeepingWriter(writer)
+            run_job(TranslationJob(translator), TranslationSource(ListSource(records), translator, target,
+                                                                  source or None), keeping, options)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return output, [keeping.rows[i] for i in sorted(keeping.rows)]
+
+
 # -------------------------------------------------------------------------------------------------- about
 def _template_name(gen) -> str:
     formatter = gen.formatter
@@ -558,6 +627,49 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
         summary = f"Done: {p.describe() if p else ''}" + (f" · **{failed} failed**" if failed else "")
         return summary, _preview(rows), str(output), about()
 
+    language_choices, any_language = translation_choices(gen)
+
+    def translate_box(text, source, target, max_new_tokens):
+        if not text or not text.strip():
+            raise gr.Error("Type or paste a text to translate.")
+        if not target:
+            raise gr.Error("Pick a target language.")
+        try:
+            translation = translate_text(gen, text, target, source, max_new_tokens, lock)
+        except ValueError as err:  # an unknown language names the close ones
+            raise gr.Error(str(err)) from err
+        emissions.add(gen.last_run)
+        if translation.error is not None:
+            raise gr.Error(translation.error)
+        info = (f"{translation.source or 'source not given'} → {translation.target} · {translation.pieces} "
+                f"piece(s){' · a piece reached max new tokens' if translation.finish_reason == 'length' else ''}")
+        return translation.text, info, about()
+
+    def translate_file(upload, source, target, max_new_tokens, request: gr.Request,
+                       progress=gr.Progress()):  # noqa: B008 - gradio's idiom
+        if upload is None:
+            raise gr.Error("Upload a .txt, .jsonl or .csv file first.")
+        path = Path(upload if isinstance(upload, str) else getattr(upload, "name", upload))
+        if not _is_upload(path):
+            raise gr.Error("Only files uploaded through the page are read.")
+        last = {}
+
+        def on_progress(p: BatchProgress) -> None:
+            last["p"] = p
+            progress((p.done, p.total), desc=p.describe(), unit="texts")
+
+        try:
+            output, rows = run_translation(gen, path, target, source, max_new_tokens, cache_dir, on_progress, lock)
+        except Exception as err:
+            logger.exception("Translation run failed")
+            raise gr.Error(f"{type(err).__name__}: {err}") from err
+        with sessions_lock:
+            run_dirs.setdefault(session_key(request), set()).add(output.parent)
+        failed = sum(1 for r in rows if r.get("error"))
+        p = last.get("p")
+        summary = f"Done: {p.describe() if p else ''}" + (f" · **{failed} failed**" if failed else "")
+        return summary, _preview(rows), str(output), about()
+
     class AppBlocks(gr.Blocks):
         def launch(self, *args, **kwargs):
             """gradio's ``launch``, with the app's security headers, upload limit and CSS."""
@@ -619,6 +731,31 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
                                  max_height=420, visible=False)  # shown with the first results, never empty
             download = gr.File(label="Results file", elem_id="batch-download", interactive=False, type="filepath")
 
+        with gr.Tab("Translate", id="translate", elem_id="tab-translate"):
+            with gr.Row():
+                t_source = gr.Dropdown(language_choices, value=None, label="Source (empty: the model's default)",
+                                       allow_custom_value=any_language, elem_id="translate-source", min_width=220)
+                t_target = gr.Dropdown(language_choices, value=None, label="Target", elem_id="translate-target",
+                                       allow_custom_value=any_language, min_width=220)
+                t_max_new = gr.Slider(1, max_tokens_limit, value=min(BATCH_DEFAULTS.max_new_tokens, max_tokens_limit),
+                                      step=1, label="Max new tokens per sentence", elem_id="translate-max-new-tokens",
+                                      min_width=220)
+            with gr.Row(equal_height=True):
+                t_text = gr.Textbox(label="Text", lines=8, elem_id="translate-text")
+                t_out = gr.Textbox(label="Translation", lines=8, interactive=False, elem_id="translate-output")
+            t_button = gr.Button("Translate", variant="primary", elem_id="translate-run")
+            t_status = gr.Markdown("", elem_id="translate-status")
+            gr.Markdown("Or upload a `.txt`, `.jsonl` or `.csv` file (a `text` or `prompt` field; a record's own "
+                        "`source`/`target` fields win). The same file with the same settings resumes.")
+            t_upload = gr.File(label="Texts file", file_types=list(INPUT_SUFFIXES), type="filepath",
+                               elem_id="translate-file", height=120)
+            t_file_button = gr.Button("Translate file", elem_id="translate-file-run")
+            t_file_status = gr.Markdown("", elem_id="translate-file-status")
+            t_table = gr.Dataframe(label="Results (preview)", elem_id="translate-table", interactive=False, wrap=True,
+                                   max_height=420, visible=False)
+            t_download = gr.File(label="Results file", elem_id="translate-download", interactive=False,
+                                 type="filepath")
+
         submit_inputs = [textbox, messages_state]
         submit_outputs = [textbox, messages_state, chatbot, stop_button]
         respond_inputs = [messages_state, system_box, temperature, top_p, max_new]
@@ -635,6 +772,13 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
                          [batch_status, table, download, about_md], concurrency_id="model", concurrency_limit=1
                          ).then(after_batch, download, None, queue=False, show_progress="hidden")
         upload.upload(remember_upload, upload, None, queue=False, show_progress="hidden")
+        t_button.click(translate_box, [t_text, t_source, t_target, t_max_new], [t_out, t_status, about_md],
+                       concurrency_id="model", concurrency_limit=1)
+        t_file_button.click(translate_file, [t_upload, t_source, t_target, t_max_new],
+                            [t_file_status, t_table, t_download, about_md], concurrency_id="model",
+                            concurrency_limit=1).then(after_batch, t_download, None, queue=False,
+                                                      show_progress="hidden")
+        t_upload.upload(remember_upload, t_upload, None, queue=False, show_progress="hidden")
         demo.unload(end_session)
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -24,7 +24,7 @@ from .defaults import BATCH_DEFAULTS
 from .errors import Terminated as _Terminated
 from .errors import UsageError
 
-SUBCOMMANDS = ("run", "dedup", "chat", "score")
+SUBCOMMANDS = ("run", "dedup", "chat", "score", "translate")
 EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
 # Options users type from other tools, and ours (argparse's own suggestions come with Python 3.14).
 _OPTION_ALIASES = {"--max-tokens": "--max-new-tokens", "--max-length": "--max-new-tokens",
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                "(see their records), 130 interrupted, 143 terminated (rerun the same command to resume).",
     )
     parser.add_argument("--version", action="version", version=f"simple-generation {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,dedup,chat,score}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{run,dedup,chat,score,translate}", parser_class=_Parser)
 
     run = commands.add_parser("run", help="generate answers for prompts or a file (the default command)",
                               formatter_class=_HelpFormatter,
@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest file the batch tab accepts, in megabytes")
     chat.set_defaults(func=cmd_chat)
     score = _add_score_parser(commands)
-    for command in (parser, run, dedup, chat, score):
+    translate = _add_translate_parser(commands)
+    for command in (parser, run, dedup, chat, score, translate):
         for action in command._actions:
             _ALL_OPTIONS.update(o for o in action.option_strings if o.startswith("--"))
     return parser
@@ -953,6 +954,100 @@ def cmd_chat(args: argparse.Namespace) -> int:
     generator = SimpleGenerator(args.model, **_generator_kwargs(args))
     serve(generator, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
     return 0
+
+
+# ---------------------------------------------------------------------------------- translate (issue 25)
+def _add_translate_parser(commands) -> argparse.ArgumentParser:
+    translate = commands.add_parser(
+        "translate", help="translate texts or a file (NLLB, M2M100, mBART-50, Marian, MADLAD/T5, any LLM)",
+        formatter_class=_HelpFormatter,
+        description="One output record per input record, in order: `answer` is the translation, `source`/`target` "
+                    "the model's language codes, `pieces` how many sentences (or parts) it was cut into. A record's "
+                    "own `source`/`target` fields win over --source/--target. With --output, translated pieces go "
+                    "to a store (<output>.sqlite): a rerun resumes, mid-document.")
+    _add_model_options(translate)
+    languages = translate.add_argument_group("languages")
+    languages.add_argument("--target", help="target language: a name, ISO code, BCP-47 tag or the model's code "
+                                            "(needed unless every record has a `target` or the model is one "
+                                            "Marian pair)")
+    languages.add_argument("--source", help="source language (default: the tokenizer's or the pair's, else none)")
+    languages.add_argument("--template", help="LLM translators: the prompt, with {source}, {target} and {text}")
+    languages.add_argument("--no-split-sentences", action="store_true",
+                           help="cut documents at line breaks only, not into sentences")
+    languages.add_argument("--max-piece-tokens", type=_positive_int, metavar="N",
+                           help="longest piece in tokens (default: the model's context, a third of it for LLMs)")
+    io_group = translate.add_argument_group("input and output")
+    io_group.add_argument("--prompt", action="append", default=[], help="a text to translate (repeatable)")
+    io_group.add_argument("--input", metavar="FILE",
+                          help="texts: .txt, .jsonl, .json, .csv, .parquet, a datasets folder, or - for stdin")
+    _add_input_options(io_group)
+    io_group.add_argument("--output", metavar="FILE", help="where the records go (default: stdout)")
+    io_group.add_argument("--output-format", choices=("jsonl", "csv", "parquet"),
+                          help="output format (default: from the --output extension, else jsonl)")
+    io_group.add_argument("--store", metavar="PATH",
+                          help="SQLite store of translated pieces (default: <output>.sqlite when --output is given)")
+    io_group.add_argument("--no-store", action="store_true", help="keep no store (a rerun starts over)")
+    io_group.add_argument("--on-error", choices=("record", "raise"), default="record",
+                          help="record: a failing record gets an error and the job goes on (exit code 3); raise: stop")
+    io_group.add_argument("--window-size", type=_positive_int, default=10_000, metavar="N",
+                          help="records read and translated at a time")
+    gen = translate.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                     help=f"most new tokens per piece (default: {BATCH_DEFAULTS.max_new_tokens})")
+    gen.add_argument("--num-beams", type=_positive_int, help="beam search (default: 1, greedy)")
+    gen.add_argument("--generation", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                     help="any other generation setting, the value parsed as JSON (repeatable)")
+    gen.add_argument("--batch-size", type=_batch_size, default="auto", help='an integer or "auto"')
+    gen.add_argument("--starting-batch-size", type=_positive_int, help='first batch size tried by "auto"')
+    gen.add_argument("--no-progress", dest="quiet_progress", action="store_true", help="no progress bar")
+    # what `run`'s checks and job read, fixed for translation
+    translate.set_defaults(func=cmd_translate, ray=None, replicas=None, near_dedup=None, dry_run=False,
+                           skip_prompt=True, truncate_prompts=False, seed=None, temperature=None, top_p=None,
+                           top_k=None, num_return_sequences=None, logprobs=None, prompt_logprobs=None)
+    return translate
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    _check_run(args)
+    _setup_logging(args.quiet)
+    generation = _generation_kwargs(args)
+    _check_generation_combination(generation)
+    if args.quiet_progress:
+        args.quiet = True
+    from .jobs import InputSource, scan_source
+
+    with InputSource(args.prompt, args.input, input_format=args.input_format, prompt_field=args.prompt_field,
+                     messages_field=args.messages_field, limit=args.limit) as source:
+        report, problems = scan_source(source)
+        if report.error_count:
+            for line in report.errors:
+                print(f"simple-generation: error: {line}", file=sys.stderr)
+            return EXIT_USAGE
+        if problems:
+            _report_problems(problems, args.on_error)
+            if args.on_error == "raise":
+                return EXIT_USAGE
+        store = _open_store(args)  # checked before the output is touched and before the model loads
+        try:
+            from .generator import SimpleGenerator
+            from .translation import TranslationJob, TranslationSource, Translator
+
+            generator = SimpleGenerator(args.model, **_generator_kwargs(args))
+            try:
+                translator = Translator(generator, args.template, args.max_piece_tokens)
+                if args.target is not None:
+                    translator.target_code(args.target)  # a wrong language fails before any record is read
+                if args.source is not None:
+                    translator.source_code(args.source)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            split = not args.no_split_sentences
+            return _run(args, TranslationJob(translator, split),
+                        TranslationSource(source, translator, args.target, args.source, split),
+                        report.records, generation, store)
+        finally:
+            if store is not None:
+                store.close()
 
 
 # ---------------------------------------------------------------------------------------------- entry point

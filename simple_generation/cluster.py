@@ -66,7 +66,9 @@ class RayRunSummary(RunSummary):
 @dataclass
 class ClusterRunSummary:
     """What ``generate_dataset`` did. ``generated`` counts records answered by this call (generated now or
-    failed now); ``already_done`` those whose answer the store already held."""
+    failed now); ``already_done`` those whose answer came from the store: held before the run, or committed
+    by a replica that died before handing its chunk back (the retried chunk reads them instead of
+    generating them again)."""
 
     output: str
     records: int = 0
@@ -583,9 +585,11 @@ class RayGenerator:
     def _add(self, summary: RayRunSummary, run: RunSummary, replica: str, chunk: list[int]) -> None:
         """A chunk's numbers into the call's summary (and the generator's per-replica totals)."""
         for name in ("generated_tokens", "batches", "forward_passes", "oom_retries", "cached", "deduplicated",
-                     "capped"):
+                     "capped", "prompt_tokens", "prefix_cached_tokens"):
             setattr(summary, name, getattr(summary, name) + (getattr(run, name, 0) or 0))
         summary.batch_size = max(summary.batch_size, run.batch_size or 0)
+        if run.prefix_caching is not None:
+            summary.prefix_caching = bool(summary.prefix_caching) or run.prefix_caching
         if run.engine and run.engine not in summary.engine.split(", "):
             summary.engine = ", ".join(filter(None, [summary.engine, run.engine]))
             summary.engine_reason = run.engine_reason

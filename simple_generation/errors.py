@@ -34,6 +34,16 @@ class InputError(SimpleGenerationError, ValueError):
     """An input file or record that cannot be used; the message starts with ``file:line:``."""
 
 
+class LanguageError(SimpleGenerationError, ValueError):
+    """A language that cannot be resolved, or that the translation model does not have; ``closest`` lists the
+    model's nearest codes (raised before any generation)."""
+
+    def __init__(self, message: str, requested: object = None, closest: Sequence[str] = ()):
+        super().__init__(message)
+        self.requested = requested
+        self.closest = list(closest)
+
+
 class StoreError(SimpleGenerationError, ValueError):
     """A file that cannot be used as a store (not SQLite, corrupt, another program's database, another schema)."""
 
@@ -93,5 +103,6 @@ class Terminated(KeyboardInterrupt):
 
 __all__ = [
     "BatchFailed", "BatchGenerationError", "DistributedGenerationError", "GenerationInterrupted", "InputError",
-    "ModelLoadError", "NoEngineError", "SimpleGenerationError", "StoreError", "Terminated", "UsageError",
+    "LanguageError", "ModelLoadError", "NoEngineError", "SimpleGenerationError", "StoreError", "Terminated",
+    "UsageError",
 ]

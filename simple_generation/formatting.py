@@ -216,14 +216,19 @@ class PromptFormatter:
         """Token ids; a prompt whose text already starts with the BOS token gets no second one.
 
         The marked contents of a :class:`ChatText` are encoded as text (``split_special_tokens=True``): the
-        special-token text a user typed stays text. Any other prompt is encoded as transformers encodes it.
+        special-token text a user typed stays text. A ``str`` carrying a ``token_ids`` list (a
+        :class:`~simple_generation.translation.SourceText`, tokenized with its source language) is fed as those
+        ids; its text is what the store keys name. Any other prompt is encoded as transformers encodes it.
         """
         bos = self.tokenizer.bos_token
         carries_bos = [bool(bos) and p.startswith(bos) for p in prompts]
         chat = [bool(getattr(p, "content_spans", ())) for p in prompts]
         ids: list[list[int] | None] = [None] * len(prompts)
+        for i, prompt in enumerate(prompts):  # a prompt tokenized by its maker (translation's source languages)
+            if isinstance(getattr(prompt, "token_ids", None), list):
+                ids[i] = list(prompt.token_ids)
         for flag in (False, True):
-            group = [i for i, c in enumerate(carries_bos) if c == flag and not chat[i]]
+            group = [i for i, c in enumerate(carries_bos) if c == flag and not chat[i] and ids[i] is None]
             if group:
                 encoded = self.tokenizer([prompts[i] for i in group], add_special_tokens=not flag)["input_ids"]
                 for i, row in zip(group, encoded):

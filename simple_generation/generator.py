@@ -172,7 +172,8 @@ class SimpleGenerator:
                     self.model, placement=loaded.placement, quantization=loaded.quantization, compiled=loaded.compiled,
                     world_size=self.distribution.world_size, is_encoder_decoder=self.is_encoder_decoder,
                     model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, model_kwargs=model_kwargs,
-                    lora_weights=lora_weights, after_s=fast_engine_after_s)
+                    lora_weights=lora_weights, after_s=fast_engine_after_s,
+                    prefix_cache=engine_kwargs.get("prefix_cache", True))
             self.router = EngineRouter.for_model(engine, EngineContext(
                 model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
                 is_encoder_decoder=self.is_encoder_decoder, model=self.model), engine_kwargs=engine_kwargs, fast=fast)
@@ -491,13 +492,17 @@ class SimpleGenerator:
 
         def local_stats() -> dict:
             return {"batches": engine.stats.batches, "forward_passes": engine.stats.forward_passes,
-                    "batch_size": engine.stats.batch_size, "oom_retries": engine.stats.oom_retries}
+                    "batch_size": engine.stats.batch_size, "oom_retries": engine.stats.oom_retries,
+                    "prompt_tokens": engine.stats.prompt_tokens,
+                    "prefix_cached_tokens": engine.stats.prefix_cached_tokens}
 
         sharded = distribution.run(order, work, run_shard, local_stats)
         per_rank = sharded.stats
         engine.stats.batches = sum(s.get("batches", 0) for s in per_rank)
         engine.stats.oom_retries = sum(s.get("oom_retries", 0) for s in per_rank)
         engine.stats.forward_passes = sum(s.get("forward_passes", 0) for s in per_rank)
+        engine.stats.prompt_tokens = sum(s.get("prompt_tokens", 0) for s in per_rank)
+        engine.stats.prefix_cached_tokens = sum(s.get("prefix_cached_tokens", 0) for s in per_rank)
         sizes = [s.get("batch_size", 0) for s in per_rank if s.get("batch_size")]
         engine.stats.batch_size = min(sizes) if sizes else engine.stats.batch_size
         for rid in sorted(sharded.results):
@@ -657,6 +662,23 @@ class SimpleGenerator:
             format_context=(lambda text: str(formatter.format_one(text))) if apply_template else None,
             model_identity=self._identity(family), store=store, batch_size=batch_size,
             starting_batch_size=starting_batch_size, show_progress_bar=show_progress_bar, engine=self.engine)
+
+    # ------------------------------------------------------------------ translation
+    def translate(self, texts: str | Sequence[str], target: str | Sequence[str] | None = None,
+                  source: str | Sequence[str] | None = None, **options: Any):
+        """Translate documents with this model's own recipe (NLLB, M2M100, mBART-50, Marian, MADLAD/T5, or any
+        LLM through a prompt template): languages by name, ISO code, BCP-47 tag or model code; long documents
+        cut into sentences, batched, joined back with their whitespace. A string gives one
+        :class:`~simple_generation.translation.Translation`, a list one per text. Options and keywords: see
+        :func:`simple_generation.translation.translate` (``store=`` resumes per piece).
+
+        Example:
+            >>> gen.translate("Hello, world.", target="German", source="en").text   # doctest: +SKIP
+            'Hallo, Welt.'
+        """
+        from .translation import translate
+
+        return translate(self, texts, target=target, source=source, **options)
 
     # ------------------------------------------------------------------ web app
     def chat_app(self):

@@ -416,4 +416,7 @@ def summarize(plan: CallPlan, results: dict[int, GenerationResult], started: flo
         stats.batch_size = engine_stats.batch_size
         stats.oom_retries = engine_stats.oom_retries
         stats.forward_passes = engine_stats.forward_passes
+        stats.prefix_caching = engine_stats.prefix_caching
+        stats.prompt_tokens = engine_stats.prompt_tokens
+        stats.prefix_cached_tokens = engine_stats.prefix_cached_tokens
     return stats

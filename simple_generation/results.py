@@ -187,6 +187,14 @@ class RunSummary:
     failures: list[tuple[int, str]] = field(default_factory=list)
     peak_rss_mb: float | None = None   # peak resident memory of the process during the call (Linux: the call's own)
     peak_cuda_mb: float | None = None  # peak CUDA memory allocated during the call, all devices (None without CUDA)
+    prefix_caching: bool | None = None  # the engine reused shared prefixes' KV (None: it has no such cache)
+    prompt_tokens: int = 0             # prompt tokens the engine prefilled or reused (0: not counted)
+    prefix_cached_tokens: int = 0      # of those, tokens taken from the prefix cache instead of computed
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens reused from the prefix cache / prompt tokens (0.0 when none were counted)."""
+        return self.prefix_cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     @property
     def tokens_per_second(self) -> float:

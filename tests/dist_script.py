@@ -4,7 +4,8 @@
 
 Each ``--case N:BATCH`` generates greedily for the first N of ``PROMPTS`` (BATCH an integer or ``auto``)
 and stores the answers (``N:BATCH:oom``: rank 1 runs out of memory on every batch of more than 2 prompts;
-``:store``: with a store in OUT_DIR; ``:seed``: seeded sampling; ``:emptyon1``: rank 1 gets no prompts);
+``:store``: with a store in OUT_DIR; ``:seed``: seeded sampling; ``:emptyon1``: rank 1 gets no prompts;
+``:prefix``: every prompt begins with ``PREFIX``);
 the rank writes ``OUT_DIR/rank{R}.json``. ``--fail-rank R`` makes generation raise
 on rank R (``--crash-rank R``: the process dies without a word, as if killed); the ranks that raise write
 ``OUT_DIR/rank{R}.error.json`` with the error before re-raising.
@@ -21,6 +22,7 @@ from pathlib import Path
 from tests.prompts import PROMPTS as _SHARED  # noqa: E402 - the repository root is on PYTHONPATH
 
 PROMPTS = [*_SHARED, "What is the most popular programming language?"]
+PREFIX = "Answer briefly and precisely, as a careful assistant would. "
 MAX_NEW_TOKENS = 6
 
 
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 kwargs["temperature"] = 0
             prompts = PROMPTS[: int(n)]
+            if "prefix" in flags:
+                prompts = [PREFIX + prompt for prompt in prompts]
             if "emptyon1" in flags and distribution.rank == 1:
                 prompts = []
             answers = generator(prompts, batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS,
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "batches": run.batches, "forward_passes": run.forward_passes,
                                         "batch_size": run.batch_size,
                                         "oom_retries": run.oom_retries, "energy_kwh": run.energy_kwh,
-                                        "cached": run.cached, "engine": run.engine}
+                                        "cached": run.cached, "engine": run.engine,
+                                        "prefix_cached_tokens": run.prefix_cached_tokens}
     except Exception as err:
         (out / f"rank{distribution.rank}.error.json").write_text(json.dumps(
             {"type": type(err).__name__, "message": str(err),

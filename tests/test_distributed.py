@@ -27,7 +27,7 @@ from simple_generation.distributed import (
     current_distribution,
 )
 
-from .dist_script import MAX_NEW_TOKENS, PROMPTS
+from .dist_script import MAX_NEW_TOKENS, PREFIX, PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "dist_script.py"
@@ -155,7 +155,7 @@ def test_different_prompts_on_different_ranks_raise():
 
 @pytest.mark.slow
 def test_two_processes_return_every_answer_in_order(llama_path, single_process_answers, tmp_path):
-    cases = ["11:4", "1:4", "0:4", "13:auto", "5:1", "13:auto:oom"]
+    cases = ["11:4", "1:4", "0:4", "13:auto", "5:1", "13:auto:oom", "13:4:prefix"]
     emissions = tmp_path / "emissions"
     result = _launch(llama_path, tmp_path, *[arg for case in cases for arg in ("--case", case)],
                      "--emissions-dir", str(emissions))
@@ -166,11 +166,17 @@ def test_two_processes_return_every_answer_in_order(llama_path, single_process_a
     ranks = _ranks(tmp_path, 2)
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["is_main"] for r in ranks] == [True, False]
+    single = SimpleGenerator(llama_path, device="cpu", track_emissions=False, prefix_cache=False)
+    prefixed_answers = single([PREFIX + p for p in PROMPTS], batch_size=1, max_new_tokens=MAX_NEW_TOKENS,
+                              temperature=0, show_progress_bar=False)
     for record in ranks:
         assert record["kind"] == "DataParallel" and record["world_size"] == 2 and record["device"] == "cpu"
         for case in cases:
             n = int(case.split(":")[0])
-            assert record["cases"][case] == single_process_answers[:n], (record["rank"], case)
+            expected = prefixed_answers if case.endswith("prefix") else single_process_answers[:n]
+            assert record["cases"][case] == expected, (record["rank"], case)
+        # each rank keeps its own prefix cache; last_run sums what the ranks reused
+        assert record["last_run"]["13:4:prefix"]["prefix_cached_tokens"] > 0
         # last_run covers the whole call (both processes' prompts and tokens), on every rank
         assert record["last_run"]["11:4"]["prompts"] == 11
         assert record["last_run"]["11:4"]["generated_tokens"] == ranks[0]["last_run"]["11:4"]["generated_tokens"]

@@ -73,6 +73,7 @@ def test_available_and_kwargs():
     cls = engine_class("openvino")
     assert cls.available() is None
     assert cls.accepts_kwarg("inference_precision") and cls.accepts_kwarg("weight_format")
+    assert cls.accepts_kwarg("prefix_cache")
     assert not cls.accepts_kwarg("tensor_parallel_size")
     assert cls.needs_hf_model is False
 
@@ -355,3 +356,84 @@ def test_structured_output_native_or_refused_clearly(llama_path, ov_cache):
     assert results[2].answer in ("yes", "no")
     with pytest.raises(NoEngineError, match="any-JSON"):
         generator(PROMPTS[:1], json=True, max_new_tokens=8)
+
+
+# prefix caching (issue 23) ------------------------------------------------------------------------------------
+# one long beginning shared by every prompt (82 tokens with BOS), then a short question
+SHARED_PREFIX = ("You answer questions about the library. The library runs text generation over checkpoints: give it "
+                 "a model and a list of prompts. Researchers evaluate models on thousands of prompts, and engineers "
+                 "generate data for training. Example: Tell me what is two plus two? Two plus two is four. ")
+QUESTIONS = ["What is the most popular programming language?", "What kind of noises did dinosaurs make?",
+             "Translate this sentence to Spanish, please.", "Once upon a time", "Hi", "Write a poem about the sea."]
+
+
+def test_prefix_cache_on_by_default_keeps_answers_exact(engine_factory, llama_path, hf_model):
+    """OpenVINO GenAI's prefix caching (SchedulerConfig.enable_prefix_caching) is on by default and off with
+    prefix_cache=False; greedy f32 answers over prompts sharing a long beginning are HF's unbatched ones either
+    way, on a first and a second pass (the shared beginning computed first, then reused within the call and
+    across calls). OpenVINO exposes no hit counts, but a second pass over the same prompts needs fewer new KV
+    blocks only with the cache on (its pipeline metrics' cache usage)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    prompt_ids = [tokenizer(SHARED_PREFIX + question)["input_ids"] for question in QUESTIONS]
+    import os
+
+    from simple_generation.engines.openvino import shared_prefixes
+
+    # what the engine computes first within a call (OpenVINO looks the cache up only as requests are added)
+    common = os.path.commonprefix(prompt_ids)  # the beginning every prompt shares, in whole 32-token blocks
+    assert len(common) >= 64 and shared_prefixes(prompt_ids, 32) == [common[:len(common) // 32 * 32]]
+    eos = hf_model.config.eos_token_id
+    params = make_params(do_sample=False, max_new_tokens=10, eos_token_id=eos)
+    requests = [Request(id=i, token_ids=ids, params=params, max_new_tokens=10) for i, ids in enumerate(prompt_ids)]
+    expected = [hf_greedy_ids(hf_model, ids, 10) for ids in prompt_ids]
+    usage = {}  # fresh pipelines: cache usage is relative to a capacity that grows with what a pipeline has run
+    for on, pipeline in ((True, engine_factory()), (False, engine_factory(prefix_cache=False))):
+        pipeline.configure(8, True)
+        assert pipeline.prefix_caching is on and pipeline.stats.prefix_caching is on
+        for _ in range(2):
+            outputs = run_all(pipeline, requests)
+            for request in requests:
+                assert trim_eos(outputs[request.id].sequences[0], eos) == trim_eos(expected[request.id], eos)
+        usage[on] = pipeline.pipeline.get_metrics().max_cache_usage  # of the second pass
+    assert usage[True] < usage[False]
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_last_run_shows_prefix_caching(llama_path, ov_cache, prefix_cache):
+    """Through the façade: ``last_run.prefix_caching`` says whether OpenVINO reused shared beginnings (on by
+    default, off with ``prefix_cache=False``); answers equal the static engine's either way."""
+    from simple_generation import SimpleGenerator
+
+    options = {} if prefix_cache else {"prefix_cache": False}
+    gen = SimpleGenerator(llama_path, engine="openvino", ov_cache_dir=ov_cache, track_emissions=False, **options)
+    kwargs = dict(max_new_tokens=10, temperature=0, skip_prompt=True, show_progress_bar=False)
+    prompts = [SHARED_PREFIX + question for question in QUESTIONS]
+    answers = gen(prompts, **kwargs)
+    assert gen.last_run.engine == "openvino" and gen.last_run.prefix_caching is prefix_cache
+    assert gen.last_run.prefix_cached_tokens == 0  # OpenVINO GenAI does not report its hits
+    assert answers == SimpleGenerator(llama_path, engine="static", track_emissions=False)(prompts, **kwargs)
+
+
+def test_prefix_cache_with_prompts_that_begin_other_prompts_mid_block(engine_factory, llama_path, hf_model):
+    """A prompt that ends inside a KV block and is the beginning of later prompts: its answer's tokens are
+    written into that block; later prompts that go on differently must not reuse them (both in one call and
+    in a later call)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    base = tokenizer(SHARED_PREFIX)["input_ids"][:45]            # ends inside the second 32-token block
+    extra = tokenizer(" ".join(QUESTIONS))["input_ids"][1:]
+    prompt_ids = [base, base + extra[:7], base + extra[7:20], base[:40] + extra[:30]]
+    eos = hf_model.config.eos_token_id
+    params = make_params(do_sample=False, max_new_tokens=8, eos_token_id=eos)
+    expected = [trim_eos(hf_greedy_ids(hf_model, ids, 8), eos) for ids in prompt_ids]
+    engine = engine_factory()
+    engine.configure(8, True)
+    for calls in ([[0], [1, 2, 3]], [[0, 1, 2, 3]]):
+        for ids in calls:
+            requests = [Request(id=i, token_ids=prompt_ids[i], params=params, max_new_tokens=8) for i in ids]
+            outputs = run_all(engine, requests)
+            for i in ids:
+                assert trim_eos(outputs[i].sequences[0], eos) == expected[i], (calls, i)

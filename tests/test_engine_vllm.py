@@ -62,10 +62,13 @@ def hf_model(llama64_path):
 def test_kwargs_routing_without_importing_vllm():
     cls = engine_class("vllm")
     assert cls.available() is None
-    for name in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "vllm_in_process"):
+    for name in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "vllm_in_process",
+                 "prefix_cache", "enable_prefix_caching"):
         assert cls.accepts_kwarg(name), name
     for name in ("dtype", "model", "revision", "inference_precision", "max_new_tokens"):
         assert not cls.accepts_kwarg(name), name
+    with pytest.raises(ValueError, match="disagree"):  # before vLLM starts
+        cls("unused", prefix_cache=True, enable_prefix_caching=False)
 
 
 def test_greedy_fp32_equals_hf_unbatched_with_per_request_budgets(engine, prompt_ids, hf_model):
@@ -392,3 +395,87 @@ def test_structured_output_conforms_and_agrees_with_the_hf_engines(engine, promp
             assert re.fullmatch(constraint.value, text)
         elif constraint.kind == "choices":
             assert text in constraint.choices
+
+
+# prefix caching (issue 23) ------------------------------------------------------------------------------------
+# one long beginning shared by every prompt, then a short question. vLLM on the CPU caches whole blocks of 128
+# tokens (its default block_size there): the beginning (~330 tokens) spans two of them.
+SHARED_PREFIX = ("You answer questions about the library. The library runs text generation over checkpoints: give it "
+                 "a model and a list of prompts. Researchers evaluate models on thousands of prompts, and engineers "
+                 "generate data for training. Example: Tell me what is two plus two? Two plus two is four. ") * 4
+QUESTIONS = ["What is the most popular programming language?", "What kind of noises did dinosaurs make?",
+             "Translate this sentence to Spanish, please.", "Once upon a time", "Hi", "Write a poem about the sea.",
+             "Numbers 0 1 2 3 4 5", "Tell me a story."]
+MORE_QUESTIONS = ["What is two plus two?", "Write a poem in the style of Leonardo da Vinci.", "Unicode: caffè",
+                  "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def long_llama_path(tmp_path_factory):
+    """The tiny Llama with room for 1024 positions (the shared-prefix prompts are ~340 tokens)."""
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("vllm-long") / "llama64", "llama", hidden=128, heads=2,
+                                     context=1024))
+
+
+def shared_prefix_ids(path, questions):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return [tokenizer(SHARED_PREFIX + question)["input_ids"] for question in questions]
+
+
+def common_prefix_length(sequences) -> int:
+    length = 0
+    while all(len(s) > length and s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return length
+
+
+def test_prefix_cache_on_by_default_counts_hits_and_keeps_answers_exact(long_llama_path):
+    """vLLM's prefix caching is asked for by default; a second pass over prompts sharing a long beginning reads
+    at least that beginning's full blocks from the cache, the per-call counters say so, and greedy fp32 answers
+    stay equal to HF's unbatched ones on both passes."""
+    engine = engine_class("vllm").create(engine_context(long_llama_path, max_model_len=1024))
+    hf_model = fp32_model(long_llama_path)
+    assert engine.engine_args["enable_prefix_caching"] is True and engine.prefix_caching is True
+    block = engine.llm.llm_engine.vllm_config.cache_config.block_size
+    eos = hf_model.config.eos_token_id
+    params = make_params(do_sample=False, max_new_tokens=12, eos_token_id=eos)
+    passes = [shared_prefix_ids(long_llama_path, QUESTIONS), shared_prefix_ids(long_llama_path, MORE_QUESTIONS)]
+    shared_blocks = common_prefix_length(passes[0] + passes[1]) // block
+    assert shared_blocks >= 1
+    for ids_list in passes:
+        engine.configure(8, True)  # per call, as the façade does: fresh counters
+        assert engine.stats.prefix_caching is True and engine.stats.prompt_tokens == 0
+        requests = [Request(id=i, token_ids=ids, params=params, max_new_tokens=12) for i, ids in enumerate(ids_list)]
+        outputs = run_all(engine, requests)
+        assert engine.stats.prompt_tokens == sum(len(ids) for ids in ids_list)
+        for request in requests:
+            ids = torch.tensor([request.token_ids])
+            expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                         do_sample=False)[0, ids.shape[1]:].tolist()
+            assert trim_eos(outputs[request.id].sequences[0], eos) == trim_eos(expected, eos), f"prompt {request.id}"
+    assert engine.stats.prefix_cached_tokens >= len(passes[1]) * shared_blocks * block
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_last_run_shows_prefix_caching_and_answers_do_not_change(long_llama_path, prefix_cache):
+    """Through the façade: prefix caching on by default, off with ``prefix_cache=False``; ``last_run`` says
+    which, and counts the prompt tokens read from the cache on a second call sharing the first's beginning;
+    greedy answers equal the static engine's either way."""
+    from simple_generation import SimpleGenerator
+
+    options = {} if prefix_cache else {"prefix_cache": False}
+    gen = SimpleGenerator(long_llama_path, engine="vllm", max_model_len=1024, track_emissions=False, **options)
+    kwargs = dict(max_new_tokens=12, temperature=0, skip_prompt=True, show_progress_bar=False)
+    first, second = [SHARED_PREFIX + q for q in QUESTIONS], [SHARED_PREFIX + q for q in MORE_QUESTIONS]
+    answers = [gen(first, **kwargs), gen(second, **kwargs)]
+    run = gen.last_run
+    assert run.engine == "vllm" and run.prefix_caching is prefix_cache
+    assert run.prompt_tokens == sum(len(ids) for ids in shared_prefix_ids(long_llama_path, MORE_QUESTIONS))
+    if prefix_cache:  # two 128-token blocks of each ~335-token prompt
+        assert run.prefix_cached_tokens >= 256 * len(second) and run.prefix_cache_hit_rate > 0.7
+    else:
+        assert run.prefix_cached_tokens == 0 and run.prefix_cache_hit_rate == 0.0
+    static = SimpleGenerator(long_llama_path, engine="static", track_emissions=False)
+    assert answers == [static(first, **kwargs), static(second, **kwargs)]

@@ -42,6 +42,9 @@ class EngineStats:
     forward_passes: int = 0      # continuous: prefills and decoding steps (0 where the engine does not count them)
     peak_rows: int = 0           # continuous: the most rows decoded together
     peak_cache_bytes: int = 0    # continuous: the largest KV cache allocated
+    prefix_caching: bool | None = None   # whether the engine reused KV of shared prompt prefixes (None: it cannot)
+    prompt_tokens: int = 0       # prompt tokens prefilled or reused (0 where the engine does not count them)
+    prefix_cached_tokens: int = 0  # of those, tokens whose KV came from the prefix cache
 
 
 @runtime_checkable

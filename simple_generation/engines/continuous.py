@@ -50,6 +50,7 @@ from ..sampling import greedy_config, gumbel_noise, warpers
 from ..scheduling import is_out_of_memory
 from .base import EngineBase, EngineContext, EngineStats, input_device
 from .logprobs import prompt_logprobs, step_logprobs
+from .prefix_cache import BLOCK_SIZE, PrefixCache, block_hashes, shared_blocks
 from .slot_cache import SlotCache
 
 logger = logging.getLogger("simple_generation")
@@ -145,6 +146,12 @@ class ContinuousEngine(EngineBase):
     request is admitted only while every running row, padded to the batch's width plus the longest
     answer still to come, fits the budget, so long contexts run fewer rows instead of outgrowing the
     machine (one request always runs, alone if need be).
+
+    Prefix caching (:mod:`~simple_generation.engines.prefix_cache`): ``prefix_cache`` (default True) keeps
+    the KV of prompt beginnings that two or more requests share, in blocks of 16 tokens, so each request
+    prefills only what follows them; ``prefix_cache_memory_bytes`` or ``prefix_cache_memory_fraction`` (of
+    the memory available when the cache is first filled; default 0.1) bound it. The cache lives as long as
+    the engine: a later call reuses what an earlier one kept.
     """
 
     name = "continuous"
@@ -155,12 +162,15 @@ class ContinuousEngine(EngineBase):
         "constraints": None, "force_words_ids": None, "max_time": None, "watermarking_config": None,
         "guidance_scale": 1,
     }
-    KWARGS = ("max_slots", "max_batch_tokens", "refill_fraction", "kv_cache_memory_bytes", "kv_cache_memory_fraction")
+    KWARGS = ("max_slots", "max_batch_tokens", "refill_fraction", "kv_cache_memory_bytes", "kv_cache_memory_fraction",
+              "prefix_cache", "prefix_cache_memory_bytes", "prefix_cache_memory_fraction")
     engine_kwargs = frozenset(KWARGS)
 
     def __init__(self, model, tokenizer, is_encoder_decoder: bool = False, *, max_slots: int | None = None,
                  max_batch_tokens: int = 2048, refill_fraction: float = 0.25,
-                 kv_cache_memory_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5):
+                 kv_cache_memory_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5,
+                 prefix_cache: bool = True, prefix_cache_memory_bytes: int | None = None,
+                 prefix_cache_memory_fraction: float = 0.1):
         if max_slots is None:  # measured best on a 2-core CPU; accelerators want wide batches
             device = getattr(model, "device", None)
             max_slots = 64 if device is None or torch.device(device).type == "cpu" else 128
@@ -176,6 +186,15 @@ class ContinuousEngine(EngineBase):
             raise ValueError(f"kv_cache_memory_bytes must be a positive integer, got {kv_cache_memory_bytes!r}.")
         if not 0 < float(kv_cache_memory_fraction) <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {kv_cache_memory_fraction!r}.")
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}.")
+        if prefix_cache_memory_bytes is not None and (isinstance(prefix_cache_memory_bytes, bool)
+                                                      or not isinstance(prefix_cache_memory_bytes, int)
+                                                      or prefix_cache_memory_bytes < 0):
+            raise ValueError("prefix_cache_memory_bytes must be a non-negative integer, "
+                             f"got {prefix_cache_memory_bytes!r}.")
+        if not 0 <= float(prefix_cache_memory_fraction) <= 1:
+            raise ValueError(f"prefix_cache_memory_fraction must be in [0, 1], got {prefix_cache_memory_fraction!r}.")
         self.model = model
         self.tokenizer = tokenizer
         self.is_encoder_decoder = bool(is_encoder_decoder)
@@ -184,7 +203,11 @@ class ContinuousEngine(EngineBase):
         self.refill_fraction = float(refill_fraction)
         self.kv_cache_memory_bytes = kv_cache_memory_bytes
         self.kv_cache_memory_fraction = float(kv_cache_memory_fraction)
-        self.stats = EngineStats(batch_size=max_slots)
+        self.prefix_cache = prefix_cache
+        self.prefix_cache_memory_bytes = prefix_cache_memory_bytes
+        self.prefix_cache_memory_fraction = float(prefix_cache_memory_fraction)
+        self._prefixes: PrefixCache | None = None
+        self.stats = EngineStats(batch_size=max_slots, prefix_caching=prefix_cache)
         self._call_slots: int | None = None
         # a peft model forwards every keyword to the model it wraps: read that one's signature
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -258,7 +281,18 @@ class ContinuousEngine(EngineBase):
     def configure(self, batch_size: int, auto: bool, sort: bool = True) -> None:
         """Per call (the façade): an explicit ``batch_size`` caps the slots; ``"auto"`` keeps ``max_slots``."""
         self._call_slots = None if auto else min(batch_size, self.max_slots)
-        self.stats = EngineStats(batch_size=self._call_slots or self.max_slots)
+        self.stats = EngineStats(batch_size=self._call_slots or self.max_slots, prefix_caching=self.prefix_cache)
+
+    def prefixes(self) -> PrefixCache | None:
+        """The engine's prefix cache (made at first use, sized then); None when ``prefix_cache=False``."""
+        if not self.prefix_cache:
+            return None
+        if self._prefixes is None:
+            budget = self.prefix_cache_memory_bytes
+            if budget is None:
+                budget = int(self.prefix_cache_memory_fraction * available_bytes(self.input_device))
+            self._prefixes = PrefixCache(budget)
+        return self._prefixes
 
     def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
             ) -> Iterator[tuple[Request, EngineOutput]]:
@@ -314,7 +348,14 @@ class _Scheduler:
                 self._fail([request], ValueError(f"request {request.id} has no prompt tokens"))
             else:
                 queue.append(request)
-        self.waiting: deque[Request] = deque(sorted(queue, key=lambda r: -len(r.token_ids)))
+        self.prefixes = engine.prefixes()
+        self.hashes: dict[int, list[int]] = {}   # per request id: its full blocks' hashes (prefix cache on)
+        self.wanted: set[int] = set()            # blocks that begin two or more prompts of this run
+        self.pending: set[int] = set()           # blocks the chunk being built will compute and keep
+        if self.prefixes is not None:
+            self.wanted = shared_blocks([r.token_ids for r in queue])
+            self.hashes = {id(r): block_hashes(r.token_ids) for r in queue}
+        self.waiting: deque[Request] = deque(self._order(queue))
         self.rows: list[_Row] = []
         self.cache: SlotCache | None = None
         self.mask: torch.Tensor | None = None       # (rows, cache length) 1 = real token
@@ -326,6 +367,24 @@ class _Scheduler:
         self.token_bytes = kv_bytes_per_token(config, parameter.element_size() if parameter is not None else 4)
         self.budget = engine.kv_cache_memory_bytes or int(engine.kv_cache_memory_fraction
                                                           * available_bytes(self.device))
+
+    def _order(self, queue: list[Request]) -> list[Request]:
+        """Longest prompt first (prefill batches of similar lengths, the widest cache early, so
+        out-of-memory shows early), where the length is what a request will compute: with the prefix
+        cache, the first request of each shared beginning computes it all (and keeps it), the others only
+        their tail, so they come later, together."""
+        if self.prefixes is None or not self.wanted:
+            return sorted(queue, key=lambda r: -len(r.token_ids))
+        claimed: set[int] = set()
+        computed = {}
+        for request in sorted(queue, key=lambda r: -len(r.token_ids)):
+            usable = self.hashes[id(request)][:(len(request.token_ids) - 1) // BLOCK_SIZE]
+            shared = next((k for k, value in enumerate(usable) if value not in self.wanted), len(usable))
+            cached = len(self.prefixes.match(request.token_ids))
+            leader = shared > cached and usable[shared - 1] not in claimed
+            claimed.update(usable[:shared])
+            computed[id(request)] = len(request.token_ids) - BLOCK_SIZE * (cached if leader else max(shared, cached))
+        return sorted(queue, key=lambda r: -computed[id(r)])
 
     # ------------------------------------------------------------------ the loop
     # autograd off while the generator runs (torch re-enters the mode at each resume): a recorded graph
@@ -395,40 +454,96 @@ class _Scheduler:
                                                   and self._fits([self.waiting[0]]))):
             free = self.max_slots - len(self.rows)
             batch: list[Request] = []
+            paths: list[list] = []
             rows = width = 0
+            self.pending = set()
             while self.waiting:
                 request = self.waiting[0]
-                need, length = self._rows_needed(request), len(request.token_ids)
+                path = self.prefixes.match(request.token_ids) if self.prefixes is not None else []
+                need, length = self._rows_needed(request), len(request.token_ids) - BLOCK_SIZE * len(path)
                 if batch:
                     wide = max(width, length)
                     if (rows + need > free or wide * (len(batch) + 1) > self.engine.max_batch_tokens
-                            or abs(width - length) > max(8, wide // 4) or not self._fits(batch + [request])):
+                            or abs(width - length) > max(8, wide // 4) or not self._fits(batch + [request])
+                            or self._waits_for_chunk(request, path, length)):
                         break
                 batch.append(self.waiting.popleft())
+                paths.append(path)
+                self._will_keep(request, path)
                 rows += need
                 width = max(width, length)
             self.admitting = batch
             try:
-                self._prefill(batch)
+                self._prefill(batch, paths)
             except BaseException:
                 self.waiting.extendleft(reversed(batch))
                 raise
             self.admitting = []
 
-    def _prefill(self, batch: list[Request]) -> None:
+    def _keepable(self, request: Request, path: list) -> list[int]:
+        """The shared blocks of ``request`` after its cached ``path``: what its prefill will keep."""
+        hashes = self.hashes.get(id(request), ())
+        kept = []
+        for value in hashes[len(path):]:
+            if value not in self.wanted:
+                break
+            kept.append(value)
+        return kept
+
+    def _will_keep(self, request: Request, path: list) -> None:
+        if self.prefixes is not None:
+            self.pending.update(self._keepable(request, path))
+
+    def _waits_for_chunk(self, request: Request, path: list, length: int) -> bool:
+        """Whether ``request`` had better wait for the next chunk: a request already in this one computes
+        (and keeps) blocks it begins with, worth half or more of what it would compute now."""
+        if not self.pending:
+            return False
+        overlap = 0
+        for value in self._keepable(request, path):
+            if value not in self.pending:
+                break
+            overlap += 1
+        return 2 * overlap * BLOCK_SIZE >= length
+
+    def _prefill(self, batch: list[Request], paths: list[list]) -> None:
+        """One forward pass over the prompts of ``batch`` after their cached prefixes ``paths``.
+
+        Row ``i`` of the cache is ``[zeros | cached prefix | padding | tail]``: the cached blocks right-aligned
+        in the first ``blocks * BLOCK_SIZE`` columns, the rest of the prompt left-padded after them; the
+        attention mask hides the zeros and the padding, and positions count real tokens only, so each row
+        computes what it would compute alone."""
         ready = batch
-        width = max(len(r.token_ids) for r in ready)
+        cached = [BLOCK_SIZE * len(path) for path in paths]
+        tails = [request.token_ids[skip:] for request, skip in zip(ready, cached)]
+        width = max(len(tail) for tail in tails)
         input_ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ready), width), dtype=torch.long)
-        for i, request in enumerate(ready):
-            input_ids[i, width - len(request.token_ids):] = torch.tensor(request.token_ids, dtype=torch.long)
-            mask[i, width - len(request.token_ids):] = 1
-        positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-        cache = DynamicCache()
+        for i, tail in enumerate(tails):
+            input_ids[i, width - len(tail):] = torch.tensor(tail, dtype=torch.long)
+            mask[i, width - len(tail):] = 1
+        blocks = max(len(path) for path in paths)
+        start = torch.tensor(cached, dtype=torch.long).unsqueeze(1)
+        positions = (start + mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+        if blocks:
+            past = self.prefixes.gather(paths, blocks)
+            columns = torch.arange(blocks * BLOCK_SIZE).unsqueeze(0)
+            mask = torch.cat([(columns >= blocks * BLOCK_SIZE - start).long(), mask], dim=1)
+            cache = DynamicCache(ddp_cache_data=past)
+        else:
+            cache = DynamicCache()
         logits = self.engine.forward(input_ids.to(self.device), mask.to(self.device), positions.to(self.device),
                                      cache)
         self.engine.stats.batches += 1
         self.engine.stats.forward_passes += 1
+        self.engine.stats.prompt_tokens += sum(len(r.token_ids) for r in ready)
+        self.engine.stats.prefix_cached_tokens += sum(cached)
+        if self.prefixes is not None and self.wanted and SlotCache.supports(cache):
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            for i, (request, path) in enumerate(zip(ready, paths)):
+                if self._keepable(request, path):
+                    first = blocks * BLOCK_SIZE + width - len(tails[i])
+                    self.prefixes.store(request.token_ids, path, self.wanted, layers, i, first)
         # rows: one per greedy request, n per sampled one (prefilled once, the cache row repeated)
         tasks, new_rows, source = [], [], []
         for i, request in enumerate(ready):
@@ -704,6 +819,9 @@ class _Scheduler:
                 self._select([])
             self._fail(involved, err)
             return
+        if self.prefixes is not None and self.prefixes.nodes:
+            logger.warning("Out of memory: dropping the prefix cache (%d blocks).", self.prefixes.nodes)
+            self.prefixes.clear()
         new_slots = max(1, min(self.max_slots, rows) // 2)
         logger.warning("Out of memory with %d rows (%d slots): retrying with %d slots.", rows, self.max_slots,
                        new_slots)

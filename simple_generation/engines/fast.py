@@ -52,6 +52,7 @@ class FastEngines:
         self.after_s = after_s
         self.context = context  # model path, device, tokenizer, config, loading keywords and LoRA for every engine
         self.started: dict[str, Any] = {}
+        self.prefix_cache = True
 
     @property
     def on_gpu(self) -> bool:
@@ -60,8 +61,9 @@ class FastEngines:
     @classmethod
     def for_model(cls, model, *, placement: str, quantization: str | None, compiled: bool, world_size: int,
                   is_encoder_decoder: bool, model_name_or_path: str, tokenizer, model_kwargs: dict[str, Any],
-                  lora_weights: str | None, after_s: float | None) -> FastEngines | None:
-        """The fast engines that could take calls of this model as loaded (None when none could)."""
+                  lora_weights: str | None, after_s: float | None, prefix_cache: bool = True) -> FastEngines | None:
+        """The fast engines that could take calls of this model as loaded (None when none could);
+        ``prefix_cache=False`` (the generator's keyword) is passed on to the one that starts."""
         if after_s == float("inf"):
             return None
         device = str(model.device)
@@ -91,7 +93,9 @@ class FastEngines:
             model_name_or_path=model_name_or_path, tokenizer=tokenizer, config=model.config, is_encoder_decoder=False,
             model_kwargs={"dtype": dtype, **{k: model_kwargs[k] for k in _LOADING_KEYS if k in model_kwargs}},
             lora_weights=lora_weights, device=device)
-        return cls(candidates, parameters=parameters, after_s=after_s, context=context)
+        fast = cls(candidates, parameters=parameters, after_s=after_s, context=context)
+        fast.prefix_cache = prefix_cache
+        return fast
 
     def choose(self, distinct: Sequence[GenerationParams], job: JobSize) -> tuple[Any | None, str]:
         """(the fast engine for this call, or None; why). The engine is the started one when it runs
@@ -115,7 +119,7 @@ class FastEngines:
     def _start(self, name: str, hf_s: float):
         if name in self.started:
             return self.started[name]
-        engine_kwargs: dict[str, Any] = {}
+        engine_kwargs: dict[str, Any] = {} if self.prefix_cache else {"prefix_cache": False}
         if name == "vllm" and self.on_gpu:
             import torch
 

@@ -13,6 +13,13 @@ The prompt is already formatted and tokenized by the façade: it goes in as toke
 own chat templating (applied to plain strings by default) never runs. Stop strings are not given to
 OpenVINO (that needs its converted tokenizer); post-processing cuts them.
 
+Prefix caching (``SchedulerConfig.enable_prefix_caching``) is on by default; ``prefix_cache=False`` turns it
+off. OpenVINO looks a prompt up in its cache only when the request is added, and one ``generate`` call adds all
+its requests at once, so the beginnings that several prompts of a call share are computed first (whole 32-token
+blocks, one-token requests whose answers are dropped): the requests then reuse them. Greedy f32 answers stay
+HF's. OpenVINO GenAI reports no cache hits (``stats.prefix_cached_tokens`` stays 0), and it keeps finished
+prompts' blocks for reuse: with the default growing cache (``cache_size=0``) the cache is larger than without.
+
 Sampling draws from OpenVINO's generator seeded with ``request.seed`` (``rng_seed``): reproducible for a
 given engine and prompt, but not the same draws as the HF engines' seeded sampler.
 
@@ -51,9 +58,12 @@ ENGINE_KWARGS = frozenset({
     "max_num_batched_tokens",  # scheduler: tokens per step (default 2048: faster than 256 at 135M)
     "cache_size",            # scheduler: KV cache size in GB (0: grow as needed)
     "ov_device",             # OpenVINO device name (default "CPU")
+    "prefix_cache",          # scheduler: reuse the KV of shared prompt beginnings (default True)
 })
 
 _PRECISIONS = {"f32", "bf16", "f16"}
+# OpenVINO GenAI's KV block on CPUs: shared beginnings are computed ahead in whole blocks of it
+_BLOCK_TOKENS = 32
 _WEIGHT_FORMATS = {"fp32", "fp16", "int8", "int4"}
 # GenerationConfig fields that change answers and that OpenVINO's sampler has no equivalent for
 _UNSUPPORTED_FIELDS = {
@@ -228,7 +238,7 @@ class OpenVINOEngine(EngineBase):
                  kv_cache_precision: str | None = None, weight_format: str = "fp32",
                  ov_cache_dir: str | os.PathLike | None = None, ov_config: dict | None = None,
                  num_threads: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 cache_size: int = 0, ov_device: str = "CPU"):
+                 cache_size: int = 0, ov_device: str = "CPU", prefix_cache: bool = True):
         import openvino_genai
 
         self._genai = openvino_genai
@@ -267,6 +277,8 @@ class OpenVINOEngine(EngineBase):
         scheduler.max_num_seqs = int(max_num_seqs)
         scheduler.max_num_batched_tokens = int(max_num_batched_tokens)
         scheduler.cache_size = int(cache_size)
+        scheduler.enable_prefix_caching = self.prefix_caching = bool(prefix_cache)
+        self.stats.prefix_caching = self.prefix_caching
         self.max_num_seqs = int(max_num_seqs)
         self.chunk_size = 2 * self.max_num_seqs
         started = time.perf_counter()
@@ -274,6 +286,10 @@ class OpenVINOEngine(EngineBase):
                                                                   properties)
         self.load_seconds = time.perf_counter() - started
         logger.info("OpenVINO: pipeline on %s with %s in %.1f s", ov_device, properties, self.load_seconds)
+
+    def configure(self, batch_size: int, auto: bool, sort: bool = True) -> None:
+        """Per call: fresh counters (``last_run`` shows the call's own); OpenVINO's scheduler keeps its batch size."""
+        self.stats = EngineStats(prefix_caching=self.prefix_caching)
 
     def structured_output_problem(self) -> str | None:
         """Why this pipeline cannot constrain answers (its OpenVINO tokenizer does not expose its vocabulary,
@@ -365,6 +381,8 @@ class OpenVINOEngine(EngineBase):
         requests = list(requests)
         if any(r.params.constraint is not None for r in requests) and self.structured_output_problem():
             raise ValueError(f"The openvino engine cannot run structured output: {self.structured_output_problem()}.")
+        if self.prefix_caching and len(requests) > 1:
+            self._warm_prefix_cache(requests)
         for start in range(0, len(requests), self.chunk_size):
             chunk, inputs, configs = [], [], []
             for request in requests[start:start + self.chunk_size]:
@@ -392,6 +410,35 @@ class OpenVINOEngine(EngineBase):
             for request, result in zip(chunk, results):
                 yield request, self._output(result)
 
+    def _warm_prefix_cache(self, requests: Sequence[Request]) -> None:
+        """Compute each beginning that several requests share once, before the requests themselves.
+
+        OpenVINO GenAI looks a request's prompt up in its prefix cache when the request is added, and a
+        ``generate`` call adds all its requests at once: within one call (a chunk here) no request would reuse
+        another's beginning. So the shared beginnings (:func:`shared_prefixes`) run first, as one call of
+        one-token requests whose answers are dropped; the requests then find those blocks in the cache.
+        Costs one extra step; nothing when no two prompts share a whole block (``_BLOCK_TOKENS``)."""
+        # whole blocks only: warm-ups ending inside a block (their one new token written there) were measured to
+        # leave blocks that changed later answers (15 of 32 prompts, by logit margins far from ties)
+        prefixes = shared_prefixes([r.token_ids for r in requests if r.token_ids], _BLOCK_TOKENS)
+        if not prefixes:
+            return
+        import numpy as np
+        import openvino
+
+        config = self._genai.GenerationConfig()
+        config.max_new_tokens = 1
+        config.ignore_eos = True
+        started = time.perf_counter()
+        try:
+            self.pipeline.generate([openvino.Tensor(np.asarray([ids], dtype=np.int64)) for ids in prefixes],
+                                   [config] * len(prefixes))
+        except Exception as error:  # noqa: BLE001 - only an optimisation: the requests run anyway
+            logger.warning("OpenVINO: computing the shared prompt beginnings first failed (%s); going on.", error)
+            return
+        logger.debug("OpenVINO: %d shared beginnings (%d tokens) cached in %.2f s", len(prefixes),
+                     sum(map(len, prefixes)), time.perf_counter() - started)
+
     def _isolate(self, requests: list[Request], error: Exception) -> Iterator[tuple[Request, EngineOutput]]:
         logger.warning("OpenVINO step failed (%s): retrying %d requests one by one", error, len(requests))
         for request in requests:
@@ -400,3 +447,37 @@ class OpenVINOEngine(EngineBase):
                 yield request, self._output(result)
             except Exception as own_error:
                 yield request, EngineOutput(error=f"{type(own_error).__name__}: {own_error}")
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common beginning of two token lists (binary search over C-speed slice comparisons)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def shared_prefixes(token_lists: Sequence[Sequence[int]], block: int) -> list[list[int]]:
+    """The longest beginnings that two or more of ``token_lists`` share, cut to whole blocks of ``block``
+    tokens (at least one); a beginning that begins another is dropped, as each is computed only once.
+
+    Neighbours in sorted order give every longest shared beginning; in sorted order what a beginning begins
+    comes right after it.
+
+    Example:
+        >>> shared_prefixes([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 9], [7, 8]], 2)
+        [[1, 2, 3, 4]]
+        >>> shared_prefixes([[1, 2, 3], [1, 2, 4], [5, 6, 7], [5, 6, 8]], 2)
+        [[1, 2], [5, 6]]
+        >>> shared_prefixes([[1, 2], [3, 4]], 1)
+        []
+    """
+    ordered = sorted(list(ids) for ids in token_lists)
+    found = sorted({tuple(a[:n]) for a, b in zip(ordered, ordered[1:])
+                    if (n := _common_length(a, b) // block * block) > 0})
+    return [list(prefix) for prefix, following in zip(found, found[1:] + [()])
+            if following[:len(prefix)] != prefix]

@@ -21,6 +21,13 @@ environment: ``scripts/engine-env.sh vllm``). What we set on the CPU, and why (a
   reserves and refuses to start when that much is not free.
 * **No reserved core** (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``) with vLLM's process layout: by default it keeps
   one core per worker idle for its scheduler process.
+* **Prefix caching on** (``enable_prefix_caching=True``, vLLM's own default for most models, set explicitly):
+  prompts that begin with the same tokens (a system message, a few-shot block) reuse the KV of that beginning's
+  full blocks (128 tokens on the CPU: vLLM's default ``block_size`` there; ``block_size=32`` is finer) instead of
+  computing it again. ``prefix_cache=False`` (or ``enable_prefix_caching=False``) turns it off. vLLM itself turns it off
+  where it cannot run (MLA models on a CPU, some hybrid models): ``stats.prefix_caching`` is what vLLM runs, and
+  ``stats.prompt_tokens`` / ``stats.prefix_cached_tokens`` count each request's prompt and the part of it read
+  from the cache (``RequestOutput.num_cached_tokens``), per call (``gen.last_run``).
 
 dtype: the user's ``dtype``/``torch_dtype`` if given, else the checkpoint's own (as the HF engines do);
 vLLM's ``"auto"`` would run fp32 checkpoints in 16-bit. In fp32, greedy answers equal HF's unbatched
@@ -61,7 +68,7 @@ _COMMON_ENGINE_ARGS = frozenset({
     "load_format", "tokenizer_mode", "distributed_executor_backend", "compilation_config", "hf_overrides",
     "max_logprobs", "disable_log_stats", "num_gpu_blocks_override", "skip_tokenizer_init", "device_ids",
 })
-_OWN_KWARGS = frozenset({"vllm_in_process"})
+_OWN_KWARGS = frozenset({"vllm_in_process", "prefix_cache"})
 # GenerationConfig fields that change answers and that SamplingParams has no equivalent for
 _UNSUPPORTED_FIELDS = {
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
@@ -184,8 +191,9 @@ class VLLMEngine(EngineBase):
 
     def __init__(self, model_name_or_path: str, *, config=None, model_kwargs: dict | None = None,
                  lora_weights: str | None = None, device: str | None = None, vllm_in_process: bool | None = None,
-                 **engine_args: Any):
+                 prefix_cache: bool | None = None, **engine_args: Any):
         self.stats = EngineStats()
+        prefix_cache = _prefix_cache_choice(prefix_cache, engine_args.pop("enable_prefix_caching", None))
         self.config = config
         model_kwargs = dict(model_kwargs or {})
         on_cpu = (device or "").startswith("cpu") or not _cuda_available()
@@ -208,6 +216,7 @@ class VLLMEngine(EngineBase):
             rank = json.loads((Path(lora_weights) / "adapter_config.json").read_text()).get("r", 16)
             args["max_lora_rank"] = max(8, int(rank))
         args.update(engine_args)
+        args["enable_prefix_caching"] = prefix_cache
         self.engine_args = args
         parallel = int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
         if vllm_in_process is None:
@@ -228,12 +237,26 @@ class VLLMEngine(EngineBase):
             self._final_only = RequestOutputKind.FINAL_ONLY  # one output per request, all n sequences in it
             self.llm = LLM(**args)
         self.start_seconds = time.perf_counter() - started
+        self.prefix_caching = _effective_prefix_caching(self.llm, prefix_cache)
+        if prefix_cache and not self.prefix_caching:
+            logger.info("vLLM: prefix caching is not available for this model here (vLLM turned it off).")
+        self.stats.prefix_caching = self.prefix_caching
         if lora_weights:
             from vllm.lora.request import LoRARequest
 
             self.lora_request = LoRARequest("adapter", 1, str(lora_weights))
         logger.info("vLLM: %s started in %.1f s (%s)", model_name_or_path, self.start_seconds,
                     "in-process" if self.in_process else "vLLM's processes")
+
+    def configure(self, batch_size: int, auto: bool, sort: bool = True) -> None:
+        """Per call: fresh counters (``last_run`` shows the call's own), vLLM's scheduler keeps its batch size."""
+        self.stats = EngineStats(prefix_caching=self.prefix_caching)
+
+    def _count_prompt(self, output, token_ids: Sequence[int]) -> None:
+        """Add one finished request's prompt tokens and the part of them read from vLLM's prefix cache."""
+        prompt = getattr(output, "prompt_token_ids", None)
+        self.stats.prompt_tokens += len(prompt) if prompt is not None else len(token_ids)
+        self.stats.prefix_cached_tokens += int(getattr(output, "num_cached_tokens", None) or 0)
 
     def structured_output_problem(self) -> str | None:
         """Why this engine cannot constrain answers: vLLM's structured outputs need its tokenizer, which this
@@ -327,6 +350,7 @@ class VLLMEngine(EngineBase):
                 if not output.finished or output.request_id not in by_id:
                     continue
                 request = by_id.pop(output.request_id)
+                self._count_prompt(output, request.token_ids)
                 completions = sorted(output.outputs, key=lambda c: c.index)
                 sequences = [list(c.token_ids) for c in completions]
                 reasons = [c.finish_reason if c.finish_reason in ("stop", "length") else None for c in completions]
@@ -379,13 +403,14 @@ class VLLMEngine(EngineBase):
     def _step_logprobs(self, prompts: list[list[int]], ks: list[int]) -> list[list[tuple[int, float]]]:
         """For each prompt, its next token's ``k`` most likely ``(token id, raw logprob)``, best first."""
         engine = self.llm.llm_engine
-        keys = []
+        keys, sent = [], {}
         for number, (prompt, k) in enumerate(zip(prompts, ks)):
             key = f"sg-beam-{number}-{id(prompts)}"
             params = self._sampling_params(n=1, max_tokens=1, temperature=0.0, logprobs=k, detokenize=False,
                                            ignore_eos=True, output_kind=self._final_only)
             engine.add_request(key, {"prompt_token_ids": prompt}, params, lora_request=self.lora_request)
             keys.append(key)
+            sent[key] = prompt
         found: dict[str, list[tuple[int, float]]] = {}
         pending = set(keys)
         try:
@@ -393,6 +418,7 @@ class VLLMEngine(EngineBase):
                 for output in engine.step():
                     if output.finished and output.request_id in pending:
                         pending.discard(output.request_id)
+                        self._count_prompt(output, sent[output.request_id])
                         entries = output.outputs[0].logprobs[0]
                         ranked = sorted(((float(info.logprob), int(token)) for token, info in entries.items()),
                                         key=lambda entry: -entry[0])
@@ -488,6 +514,24 @@ def _beam_refusal(params) -> str | None:
         return (f"num_beams={params.num_beams} needs the {keep} best tokens of each step from vLLM, more than its "
                 "max_logprobs (20): use the static engine")
     return None
+
+
+def _prefix_cache_choice(prefix_cache: bool | None, enable_prefix_caching: bool | None) -> bool:
+    """Whether to ask vLLM for prefix caching: on unless either spelling (ours, ``prefix_cache``, or vLLM's,
+    ``enable_prefix_caching``) says off; both given and different is an error."""
+    given = {value for value in (prefix_cache, enable_prefix_caching) if value is not None}
+    if len(given) > 1:
+        raise ValueError(f"prefix_cache={prefix_cache!r} and enable_prefix_caching={enable_prefix_caching!r} "
+                         "disagree: pass one of them.")
+    return bool(given.pop()) if given else True
+
+
+def _effective_prefix_caching(llm, requested: bool) -> bool:
+    """Whether the started vLLM engine caches prefixes: vLLM turns it off by itself for models or platforms
+    without it, after our request (its final ``CacheConfig`` says)."""
+    config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    effective = getattr(getattr(config, "cache_config", None), "enable_prefix_caching", None)
+    return requested if effective is None else bool(effective)
 
 
 def _structured_outputs(constraint) -> dict[str, Any]:
