@@ -56,7 +56,7 @@ def test_blocks_are_matched_by_their_tokens_and_their_whole_beginning():
     assert cache.store(prompt, [], set(block_hashes(prompt)), layers, row=1, first_column=0) == 2
     path = cache.match(prompt)
     assert [node.tokens for node in path] == [tuple(prompt[:16]), tuple(prompt[16:32])]
-    keys, values = cache.gather([path, path[:1], []], 2)[0]
+    keys, values = next(cache.gather([path, path[:1], []], 2))
     assert torch.equal(keys[0], layers[0][0][1, :, :32]) and torch.equal(values[0], layers[0][1][1, :, :32])
     assert torch.equal(keys[1, :, 16:], layers[0][0][1, :, :16]) and not keys[1, :, :16].any()  # right-aligned
     assert not keys[2].any()

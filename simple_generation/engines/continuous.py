@@ -55,6 +55,11 @@ from .slot_cache import SlotCache
 
 logger = logging.getLogger("simple_generation")
 
+# a prefill chunk's cache (rows x (cached prefix + prompt tail) tokens) is at most this many times
+# ``max_batch_tokens``: with cached prefixes a chunk of short tails could otherwise hold as many full-width
+# rows as the whole running batch, and it is copied into the running cache (both alive at once)
+PREFILL_CACHE_FACTOR = 4
+
 
 def _release_memory() -> None:
     from accelerate.utils.memory import clear_device_cache
@@ -455,7 +460,7 @@ class _Scheduler:
             free = self.max_slots - len(self.rows)
             batch: list[Request] = []
             paths: list[list] = []
-            rows = width = 0
+            rows = width = columns = 0
             self.pending = set()
             while self.waiting:
                 request = self.waiting[0]
@@ -463,7 +468,11 @@ class _Scheduler:
                 need, length = self._rows_needed(request), len(request.token_ids) - BLOCK_SIZE * len(path)
                 if batch:
                     wide = max(width, length)
+                    # the chunk's own cache (cached prefixes included) stays a few forward passes' worth: it
+                    # is copied into the running cache, so its size adds to the peak
+                    cached = BLOCK_SIZE * max(len(path), columns)
                     if (rows + need > free or wide * (len(batch) + 1) > self.engine.max_batch_tokens
+                            or (cached + wide) * (rows + need) > PREFILL_CACHE_FACTOR * self.engine.max_batch_tokens
                             or abs(width - length) > max(8, wide // 4) or not self._fits(batch + [request])
                             or self._waits_for_chunk(request, path, length)):
                         break
@@ -472,6 +481,7 @@ class _Scheduler:
                 self._will_keep(request, path)
                 rows += need
                 width = max(width, length)
+                columns = max(columns, len(path))
             self.admitting = batch
             try:
                 self._prefill(batch, paths)
@@ -526,10 +536,10 @@ class _Scheduler:
         start = torch.tensor(cached, dtype=torch.long).unsqueeze(1)
         positions = (start + mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
         if blocks:
-            past = self.prefixes.gather(paths, blocks)
             columns = torch.arange(blocks * BLOCK_SIZE).unsqueeze(0)
             mask = torch.cat([(columns >= blocks * BLOCK_SIZE - start).long(), mask], dim=1)
-            cache = DynamicCache(ddp_cache_data=past)
+            # one layer gathered at a time: the cache copies each, so only one gathered layer is alive
+            cache = DynamicCache(ddp_cache_data=self.prefixes.gather(paths, blocks))
         else:
             cache = DynamicCache()
         logits = self.engine.forward(input_ids.to(self.device), mask.to(self.device), positions.to(self.device),

@@ -16,7 +16,7 @@ run stay until evicted, so a later call with the same system message or few-shot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,15 +97,14 @@ class PrefixCache:
     def used_bytes(self) -> int:
         return self.nodes * self.block_bytes
 
-    def gather(self, paths: Sequence[Sequence[Node]], blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, keys and values of shape ``(rows, heads, blocks * block_size, head dim)``: each row's
-        cached blocks right-aligned, zeros on their left."""
+    def gather(self, paths: Sequence[Sequence[Node]], blocks: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (one at a time), keys and values of shape ``(rows, heads, blocks * block_size, head dim)``:
+        each row's cached blocks right-aligned, zeros on their left."""
         index = torch.zeros((len(paths), blocks), dtype=torch.long)
         for row, path in enumerate(paths):
             if path:
                 index[row, blocks - len(path):] = torch.tensor([node.slot for node in path])
         flat = index.view(-1)
-        layers = []
         for keys, values in zip(self.keys, self.values):
             pair = []
             for pool in (keys, values):
@@ -113,8 +112,7 @@ class PrefixCache:
                 _, heads, size, dim = pool.shape
                 pair.append(picked.view(len(paths), blocks, heads, size, dim).transpose(1, 2)
                             .reshape(len(paths), heads, blocks * size, dim))
-            layers.append((pair[0], pair[1]))
-        return layers
+            yield pair[0], pair[1]
 
     # ------------------------------------------------------------------ storing
     def store(self, token_ids: Sequence[int], path: list[Node], wanted: set[int], layers, row: int,
