@@ -555,6 +555,15 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return generation
 
 
+def _print_invalid_records(report) -> None:
+    """The invalid records a scan found (the first ones, then how many more), on stderr."""
+    for line in report.errors:
+        print(f"simple-generation: error: {line}", file=sys.stderr)
+    more = report.error_count - len(report.errors)
+    if more > 0:
+        print(f"simple-generation: ... and {more} more invalid record(s).", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
     _check_run(args)
@@ -569,11 +578,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      messages_field=args.messages_field, limit=args.limit) as source:
         report, problems = scan_source(source)
         if report.error_count:
-            for line in report.errors:
-                print(f"simple-generation: error: {line}", file=sys.stderr)
-            more = report.error_count - len(report.errors)
-            if more > 0:
-                print(f"simple-generation: ... and {more} more invalid record(s).", file=sys.stderr)
+            _print_invalid_records(report)
             return EXIT_USAGE
         if args.dry_run:
             result = dry_run(source, report, problems, model=args.model, tokenizer=args.tokenizer,
@@ -1020,8 +1025,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
                      messages_field=args.messages_field, limit=args.limit) as source:
         report, problems = scan_source(source)
         if report.error_count:
-            for line in report.errors:
-                print(f"simple-generation: error: {line}", file=sys.stderr)
+            _print_invalid_records(report)
             return EXIT_USAGE
         if problems:
             _report_problems(problems, args.on_error)
