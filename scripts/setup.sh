@@ -12,4 +12,4 @@ if [ -n "${TORCH_INDEX:-}" ]; then
 else
     python3 -m pip install -q "torch==2.13.0"
 fi
-python3 -m pip install -q -e ".[test,lora,emissions,gguf,dedup,parquet,datasets,app,ray,structured,translation]"
+python3 -m pip install -q -e ".[test,lora,emissions,gguf,dedup,parquet,datasets,app,ray,structured,translation,vision]"

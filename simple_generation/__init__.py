@@ -21,12 +21,14 @@ _EXPORTS = {
     "DistributedGenerationError": ".errors",
     "GenerationInterrupted": ".errors",
     "GenerationResult": ".results",
+    "ImageError": ".errors",
     "ModelLoadError": ".errors",
     "ResultStore": ".store",
     "RunSummary": ".results",
     "SamplingParams": ".sampling_params",
     "Score": ".scoring",
     "SimpleGenerator": ".generator",
+    "SimpleVLMGenerator": ".generator",  # feature: images (the original project's name)
     "TokenLogprob": ".results",  # feature: logprobs
     "TopLogprob": ".results",
     "available_system_prompts": ".templates",
@@ -55,9 +57,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         BatchGenerationError,
         DistributedGenerationError,
         GenerationInterrupted,
+        ImageError,
         ModelLoadError,
     )
-    from .generator import SimpleGenerator  # noqa: F401
+    from .generator import SimpleGenerator, SimpleVLMGenerator  # noqa: F401
     from .results import CompletionOutput, GenerationResult, RunSummary, TokenLogprob, TopLogprob  # noqa: F401
     from .sampling_params import SamplingParams  # noqa: F401
     from .scoring import Choice, Score  # noqa: F401

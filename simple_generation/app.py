@@ -9,6 +9,9 @@ gradio ``Blocks`` and ``serve(gen)`` launches it on 127.0.0.1.
 - **Batch**: upload a ``.txt``/``.jsonl``/``.csv`` file, run it with a progress bar, preview and download the
   records (the command line's records). Answers go to a SQLite store named after the file's content and the
   parameters, so uploading the same file again (after a reload or a restart) resumes instead of starting over.
+- **Images** (an image-text-to-text model, ``gen.vision``): the chat's message box takes images (attach or
+  paste); each goes into its user turn as an image part, and earlier turns keep theirs. The batch tab also
+  takes a ``.zip`` of one records file and the images it names by relative paths (see :func:`extract_zip`).
 - **Translate**: source and target pickers filled from the languages the model translates (any language for an
   LLM), a text box, and a file upload run as ``simple-generation translate`` runs it (resumable the same way).
 
@@ -39,11 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import BATCH_DEFAULTS
-from .io.formats import usual_suffixes
+from .io.formats import BY_NAME, usual_suffixes
 
 logger = logging.getLogger("simple_generation")
 
 INPUT_SUFFIXES = usual_suffixes(("txt", "jsonl", "csv"))  # (".txt", ".jsonl", ".csv"): what the batch tab takes
+ZIP_SUFFIX = ".zip"  # a records file and its images (image-text models)
+ZIP_RECORD_SUFFIXES = tuple(s for name in ("jsonl", "json", "csv", "parquet") for s in BY_NAME[name].suffixes)
+MAX_ZIP_ENTRIES = 10_000
+UNZIPPED_FACTOR = 4  # a zip may unpack to at most 4 x the upload limit (images hardly compress: more is a bomb)
 PREVIEW_ROWS = 200
 MAX_SESSIONS = 10_000
 UPDATE_INTERVAL_S = 0.1
@@ -70,6 +77,7 @@ CSS = """
 #chatbot .message-content, #chatbot .message { white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word; }
 #chat-status, #batch-status { min-height: 1.6em; }
 #batch-table { max-width: 100%; overflow-x: auto; }
+#chatbot button[aria-label="Share"] { display: none !important; }  /* an image's share button posts to another site */
 """
 
 
@@ -87,16 +95,38 @@ def default_system_message(gen) -> str | None:
     return formatter.template.system_message if formatter.template is not None else ""
 
 
-def chat_request(gen, messages: Sequence[dict[str, str]], system_message: str | None = None) -> list[dict]:
+def user_message(text: str, images: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
+    """The chat's user turn: ``{"role": "user", "content": text}``, or with images a list of parts, the images
+    first (``{"type": "image", "image": path}``) then the text (left out when empty), as the library takes them.
+
+    Example:
+        >>> user_message("Hi")
+        {'role': 'user', 'content': 'Hi'}
+        >>> user_message("What is this?", ["/tmp/a.png"])["content"]
+        [{'type': 'image', 'image': '/tmp/a.png'}, {'type': 'text', 'text': 'What is this?'}]
+    """
+    if not images:
+        return {"role": "user", "content": text}
+    parts: list[dict[str, str]] = [{"type": "image", "image": os.fspath(image)} for image in images]
+    if text and text.strip():
+        parts.append({"type": "text", "text": text})
+    return {"role": "user", "content": parts}
+
+
+def _copy_content(content: Any) -> Any:
+    return [dict(part) for part in content] if isinstance(content, list) else content
+
+
+def chat_request(gen, messages: Sequence[dict[str, Any]], system_message: str | None = None) -> list[dict]:
     """What the generator is given for a conversation ending with a user turn: the message list, which the
     formatter renders as ``conversation_from_user_prompts`` does (the named template, else the tokenizer's chat
     template, else the plain transcript followed by ``Assistant:``). Message contents are tokenized as text: a
     ``</s>`` typed in the page is never the control token.
 
     A system message other than the default goes first as a ``system`` message (it replaces the template's, as
-    FastChat does).
+    FastChat does). A turn with images (see :func:`user_message`) keeps its image parts.
     """
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    messages = [{"role": m["role"], "content": _copy_content(m["content"])} for m in messages]
     if gen.formatter.formats_conversations:
         if system_message is not None and system_message != default_system_message(gen):
             messages = [{"role": "system", "content": system_message}] + messages
@@ -287,47 +317,165 @@ def _read_input(path: Path) -> list[Any]:
     return list(read_records(path))
 
 
+_UNSAFE_NAME = re.compile(r"^(?:[/\\]|[A-Za-z]:)|\\|\x00")  # absolute, a drive, a backslash, a NUL
+
+
+def _zip_entry_problem(info: Any) -> str | None:
+    """Why a zip entry is not extracted (None: it is safe): absolute paths, ``..``, links, encryption."""
+    import stat
+    from pathlib import PurePosixPath
+
+    name = info.filename
+    if _UNSAFE_NAME.search(name) or ".." in PurePosixPath(name).parts:
+        return "a path outside the archive's folder (absolute, a drive, a backslash or '..')"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link"
+    if info.flag_bits & 0x1:
+        return "encrypted"
+    return None
+
+
+def extract_zip(archive: str | Path, dest: str | Path, max_bytes: int,
+                max_entries: int = MAX_ZIP_ENTRIES) -> Path:
+    """Extract an uploaded ``.zip`` of one records file (``.jsonl``/``.json``/``.csv``/``.parquet``, any name,
+    in any folder of the archive) and the images it names by relative paths into ``dest``; return the records
+    file's path there.
+
+    Refused (``ValueError``, nothing kept): an entry with an absolute path, a drive, a backslash or ``..``, a
+    link or an encrypted entry; more than ``max_entries`` entries; more than ``max_bytes`` bytes once unpacked
+    (counted as they are written, not trusted from the archive's header: a zip bomb stops there); none or
+    several records files. ``__MACOSX/`` entries (Finder's resource forks) are skipped.
+    """
+    import zipfile
+
+    archive, dest = Path(archive), Path(dest)
+    if not zipfile.is_zipfile(archive):
+        raise ValueError(f"{archive.name} is not a zip archive.")
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    records: list[Path] = []
+    written = 0
+    with zipfile.ZipFile(archive) as bundle:
+        entries = [info for info in bundle.infolist()
+                   if not info.is_dir() and not info.filename.startswith("__MACOSX/")]
+        if len(entries) > max_entries:
+            raise ValueError(f"{archive.name} holds {len(entries)} files; at most {max_entries} are taken.")
+        for info in entries:
+            problem = _zip_entry_problem(info)
+            if problem is not None:
+                raise ValueError(f"{archive.name}: entry {info.filename!r} is refused: {problem}.")
+        if sum(info.file_size for info in entries) > max_bytes:
+            raise ValueError(f"{archive.name} unpacks to more than {max_bytes / 2**20:g} MB.")
+        for info in entries:
+            target = (root / info.filename).resolve()
+            if not target.is_relative_to(root):  # _zip_entry_problem refused these already
+                raise ValueError(f"{archive.name}: entry {info.filename!r} is refused: outside the folder.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with bundle.open(info) as source, open(target, "xb") as sink:
+                    while chunk := source.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise ValueError(f"{archive.name} unpacks to more than {max_bytes / 2**20:g} MB.")
+                        sink.write(chunk)
+            except FileExistsError:
+                raise ValueError(f"{archive.name}: {info.filename!r} is in the archive twice.") from None
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise ValueError(f"{archive.name}: {info.filename!r} cannot be extracted: {err}") from err
+            if target.suffix.lower() in ZIP_RECORD_SUFFIXES:
+                records.append(target)
+    if len(records) != 1:
+        found = ", ".join(str(r.relative_to(root)) for r in records) or "none"
+        raise ValueError(f"{archive.name} must hold exactly one records file ({', '.join(ZIP_RECORD_SUFFIXES)}) "
+                         f"beside its images; found {found}.")
+    return records[0]
+
+
+def _image_paths(record: Any) -> Iterator[str]:
+    """The local paths among a record's image sources (its ``image``/``images`` and its messages' parts)."""
+    from .images import image_kind, resolve_path
+    from .io.records import prompt_images
+
+    for source in [*(getattr(record, "images", None) or []), *prompt_images(record.prompt)]:
+        kind = image_kind(source)
+        if kind == "path":
+            yield resolve_path(source)
+        elif kind == "dict" and not source.get("bytes"):
+            yield resolve_path(source["path"])
+
+
+def check_image_paths(records: Sequence[Any], root: str | Path | None, name: str) -> None:
+    """Refuse (``ValueError``) records that name an image file outside ``root`` (the folder a zip was extracted
+    to; None for a plain upload: no file at all). Only uploaded files are read: a records file cannot make the
+    server read ``/etc/...`` or another session's upload. ``data:`` URLs, base64 and bytes need no file."""
+    inside = Path(os.path.realpath(root)) if root is not None else None
+    for record in records:
+        for path in _image_paths(record):
+            if inside is None or not Path(os.path.realpath(path)).is_relative_to(inside):
+                where = getattr(record, "source", "") or f"record {record.index}"
+                hint = ("its images must be files of the same .zip, named by relative paths" if inside is not None
+                        else "upload a .zip holding the records file and its images, or give the images as "
+                             "data: URLs")
+                raise ValueError(f"{where}: image {Path(path).name!r} is not an uploaded file: {hint}.")
+
+
 def run_batch(gen, upload: str | Path, settings: BatchSettings, cache_dir: str | Path,
               on_progress: Callable[[BatchProgress], None] | None = None,
-              lock: Any = None) -> tuple[Path, list[dict[str, Any]]]:
+              lock: Any = None, *, max_unzipped_mb: float = UNZIPPED_FACTOR * MAX_UPLOAD_MB
+              ) -> tuple[Path, list[dict[str, Any]]]:
     """Run every record of the uploaded file; return the results file and its records (in input order).
 
     The results file is written in a new ``simple-generation-app-*`` folder of the temp folder (removed again if
-    the run fails; the app removes it once gradio has its copy).
+    the run fails; the app removes it once gradio has its copy). A ``.zip`` (one records file and its images,
+    :func:`extract_zip`, at most ``max_unzipped_mb`` unpacked) is extracted into that folder and its records
+    file is run, so that its relative image paths resolve; the store is named after the zip's content. Image
+    paths that lead outside the extracted folder (or any image path in a plain upload) are refused.
     """
     upload = Path(upload)
     suffix = upload.suffix.lower()
-    if suffix not in INPUT_SUFFIXES:
-        raise ValueError(f"Upload a {', '.join(INPUT_SUFFIXES)} file (got {upload.name!r}).")
+    if suffix not in INPUT_SUFFIXES + (ZIP_SUFFIX,):
+        raise ValueError(f"Upload a {', '.join(INPUT_SUFFIXES)} file, or a {ZIP_SUFFIX} of a records file and its "
+                         f"images (got {upload.name!r}).")
     data = upload.read_bytes()
-    records = _read_input(upload)
-    if not records:
-        raise ValueError(f"{upload.name} holds no prompts.")
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    store = batch_store_path(data, suffix, settings, cache_dir)
     out_dir = Path(tempfile.mkdtemp(prefix="simple-generation-app-"))
     try:
-        return _run_into(gen, upload, records, settings, store, out_dir, on_progress, lock)
+        root = None
+        source = upload
+        if suffix == ZIP_SUFFIX:
+            root = out_dir / "input"
+            source = extract_zip(upload, root, int(max_unzipped_mb * 1024 * 1024))
+        records = _read_input(source)
+        if not records:
+            raise ValueError(f"{upload.name} holds no prompts.")
+        check_image_paths(records, root, upload.name)
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        store = batch_store_path(data, suffix, settings, cache_dir)
+        return _run_into(gen, upload, records, settings, store, out_dir, on_progress, lock, root)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
 
 class _KeepingWriter:
-    """An ordered writer that also keeps every record (the page previews them)."""
+    """An ordered writer that also keeps every record (the page previews them). ``hide``: a server folder
+    (where a zip was extracted) taken out of error messages, which then name the archive's own paths."""
 
-    def __init__(self, writer: Any):
+    def __init__(self, writer: Any, hide: str | None = None):
         self.writer = writer
+        self.hide = hide
         self.rows: dict[int, dict[str, Any]] = {}
 
     def add(self, index: int, record: dict[str, Any], **options: Any) -> None:
+        if self.hide and isinstance(record.get("error"), str):
+            record = {**record, "error": record["error"].replace(self.hide, "")}
         self.rows[index] = record
         self.writer.add(index, record, **options)
 
 
 def _run_into(gen, upload: Path, records: list[Any], settings: BatchSettings, store: Path, out_dir: Path,
-              on_progress: Callable[[BatchProgress], None] | None, lock: Any) -> tuple[Path, list[dict[str, Any]]]:
+              on_progress: Callable[[BatchProgress], None] | None, lock: Any,
+              root: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """The job (:func:`simple_generation.jobs.run_job`) over the records, into ``out_dir``."""
     from .io import OrderedWriter
     from .jobs import JobOptions, JobProgress, ListSource, run_job
@@ -342,7 +490,7 @@ def _run_into(gen, upload: Path, records: list[Any], settings: BatchSettings, st
                          output_format=extension, generation=settings.generation(), show_progress=False,
                          total=len(records), on_progress=progress if on_progress else None)
     with lock if lock is not None else contextlib.nullcontext(), OrderedWriter(output, extension) as writer:
-        keeping = _KeepingWriter(writer)
+        keeping = _KeepingWriter(writer, os.path.realpath(root) + os.sep if root is not None else None)
         run_job(gen, ListSource(records), keeping, options)
     return output, [keeping.rows[i] for i in sorted(keeping.rows)]
 
@@ -502,6 +650,8 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
     max_tokens_limit = max(16, min(int(context), 8192))
     default_max_new = max(1, min(int(defaults.max_new_tokens or 256), max_tokens_limit))
     default_temperature = float(defaults.temperature) if defaults.do_sample else 0.0
+    vision = getattr(gen, "vision", None) is not None  # an image-text model: images in the chat and the batch zip
+    batch_suffixes = list(INPUT_SUFFIXES) + ([ZIP_SUFFIX] if vision else [])
 
     def session_event(request: gr.Request | None) -> threading.Event:
         key = getattr(request, "session_hash", None) or "default"
@@ -559,12 +709,38 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
         label = {"stop": "end of answer", "length": "max new tokens reached", "stopped": "stopped"}[update.finish]
         return f"{update.tokens} tokens{rate} · {label}"
 
-    def add_user_message(text: str, messages: list, request: gr.Request):
+    def attached_images(files: Sequence[Any], request: gr.Request) -> list[str]:
+        """The images attached to a message: uploads only (never a path sent by the page), each decodable; kept
+        until the session ends (earlier turns still need theirs)."""
+        from .errors import ImageError
+        from .images import load_image
+
+        paths = []
+        for name in files or []:
+            path = Path(name if isinstance(name, str) else getattr(name, "path", None) or str(name))
+            if not _is_upload(path):
+                raise gr.Error("Only images uploaded through the page are read.")
+            with sessions_lock:
+                session_files.setdefault(session_key(request), set()).add(str(path))
+            try:
+                load_image(str(path))
+            except ImageError as err:
+                raise gr.Error(f"{path.name} is not an image this app can read: {err}") from err
+            paths.append(str(path))
+        return paths
+
+    def add_user_message(value: Any, messages: list, request: gr.Request):
         session_event(request).clear()
         messages = list(messages or [])
-        if text and text.strip():
-            messages.append({"role": "user", "content": text})
-        return "", messages, _display(messages), gr.update(interactive=True)
+        if vision:  # the multimodal box: {"text": ..., "files": [paths]}
+            value = value or {}
+            text, images = value.get("text") or "", attached_images(value.get("files") or [], request)
+        else:
+            text, images = value, []
+        if images or (text and text.strip()):
+            messages.append(user_message(text, images))
+        cleared = {"text": "", "files": []} if vision else ""
+        return cleared, messages, _display(messages), gr.update(interactive=True)
 
     def respond(messages: list, system: str | None, temperature: float, top_p: float, max_new_tokens: float,
                 request: gr.Request):
@@ -599,7 +775,7 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
     def batch(upload, max_new_tokens, temperature, top_p, seed, skip_prompt, output_format, request: gr.Request,
               progress=gr.Progress()):  # noqa: B008 - gradio's idiom
         if upload is None:
-            raise gr.Error("Upload a .txt, .jsonl or .csv file first.")
+            raise gr.Error(f"Upload a .txt, .jsonl or .csv file{' (or a .zip with images)' if vision else ''} first.")
         path = Path(upload if isinstance(upload, str) else getattr(upload, "name", upload))
         if not _is_upload(path):  # gradio refuses other paths already; never read a path sent by the page
             raise gr.Error("Only files uploaded through the page are read.")
@@ -615,7 +791,10 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
             progress((p.done, p.total), desc=p.describe(), unit="prompts")
 
         try:
-            output, rows = run_batch(gen, path, settings, cache_dir, on_progress, lock)
+            if path.suffix.lower() == ZIP_SUFFIX and not vision:
+                raise ValueError("A .zip (a records file with its images) needs an image-text model.")
+            output, rows = run_batch(gen, path, settings, cache_dir, on_progress, lock,
+                                     max_unzipped_mb=UNZIPPED_FACTOR * max_upload_mb)
         except Exception as err:
             logger.exception("Batch run failed")
             raise gr.Error(f"{type(err).__name__}: {err}") from err
@@ -683,8 +862,14 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
             chatbot = gr.Chatbot(elem_id="chatbot", label="Conversation", height=440, render_markdown=False,
                                  feedback_options=None, buttons=["copy"], group_consecutive_messages=False)
             with gr.Row(equal_height=True):
-                textbox = gr.Textbox(placeholder="Type a message, Enter to send", show_label=False, scale=5,
-                                     min_width=200, elem_id="chat-input", autofocus=True)
+                if vision:  # text and images (attach with the clip, paste or drop); the Send button submits too
+                    textbox = gr.MultimodalTextbox(
+                        placeholder="Type a message, attach or paste images, Enter to send", show_label=False,
+                        scale=5, min_width=200, elem_id="chat-input", autofocus=True, file_types=["image"],
+                        file_count="multiple", sources=["upload"], submit_btn=False)
+                else:
+                    textbox = gr.Textbox(placeholder="Type a message, Enter to send", show_label=False, scale=5,
+                                         min_width=200, elem_id="chat-input", autofocus=True)
                 send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
                 stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="chat-stop",
                                         interactive=False)
@@ -708,8 +893,11 @@ def build_app(gen, *, cache_dir: str | Path | None = None, title: str = "simple-
         with gr.Tab("Batch", id="batch", elem_id="tab-batch"):
             gr.Markdown("Upload a `.txt` (one prompt per line), `.jsonl` or `.csv` file (a `prompt` or `text` field; "
                         "other fields are carried into the results). Running the same file with the same settings "
-                        "again resumes from its store.")
-            upload = gr.File(label="Prompts file", file_types=list(INPUT_SUFFIXES), type="filepath",
+                        "again resumes from its store." + (
+                            " With images: a `.zip` of one records file (`.jsonl`, `.csv` or `.parquet`, any name) "
+                            "and the images its `image`/`images` fields name by relative paths "
+                            "(`images/a.png`); `data:` URLs need no zip." if vision else ""))
+            upload = gr.File(label="Prompts file", file_types=batch_suffixes, type="filepath",
                              elem_id="batch-file", height=120)
             with gr.Row():
                 b_max_new = gr.Slider(1, max_tokens_limit, value=min(BATCH_DEFAULTS.max_new_tokens, max_tokens_limit),
@@ -803,8 +991,22 @@ def as_text(content: str) -> str:
     return _TAG_START.sub("&lt;", content)
 
 
-def _display(messages: list[dict[str, str]], partial: str | None = None) -> list[dict[str, str]]:
-    shown = [{"role": m["role"], "content": as_text(m["content"])} for m in messages]
+def _shown(content: Any) -> Any:
+    """A message's content for the chatbot: text through :func:`as_text`; an image part as gradio's own file
+    display of the upload (served by the app itself, so the page's policy allows it)."""
+    if isinstance(content, str):
+        return as_text(content)
+    shown: list[Any] = []
+    for part in content:
+        if part.get("type") == "image":
+            shown.append({"path": str(part["image"]), "alt_text": "image"})
+        elif part.get("type") == "text":
+            shown.append(as_text(part.get("text") or ""))
+    return shown
+
+
+def _display(messages: list[dict[str, Any]], partial: str | None = None) -> list[dict[str, Any]]:
+    shown = [{"role": m["role"], "content": _shown(m["content"])} for m in messages]
     if partial is not None:
         shown.append({"role": "assistant", "content": as_text(partial)})
     return shown

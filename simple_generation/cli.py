@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "their records say duplicate_of")
     io_group.add_argument("--window-size", type=_positive_int, default=10_000, metavar="N",
                           help="records read and generated at a time (memory stays flat)")
+    io_group.add_argument("--allow-remote-images", action="store_true",
+                          help="vision-language models: fetch images given as http(s) URLs (off: such a record "
+                               "fails; local paths, data: URLs, base64 and bytes are always read)")
 
     gen = run.add_argument_group("generation")
     # max-new-tokens and temperature default to None so that --generation may set them; the value used is
@@ -287,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--share", action="store_true", help="also make a public share link")
     web.add_argument("--max-upload-mb", type=float, default=25.0, metavar="MB",
                      help="largest file the batch tab accepts, in megabytes")
+    web.add_argument("--allow-remote-images", action="store_true",
+                     help="vision-language models: fetch images given as http(s) URLs")
     chat.set_defaults(func=cmd_chat)
     score = _add_score_parser(commands)
     translate = _add_translate_parser(commands)
@@ -513,6 +518,8 @@ def _generator_kwargs(args: argparse.Namespace, *, torch_dtype: bool = True) -> 
     for flag in ("trust_remote_code", "load_in_8bit", "load_in_4bit"):
         if getattr(args, flag):
             kwargs[flag] = True
+    if getattr(args, "allow_remote_images", False):  # run and chat only
+        kwargs["allow_remote_images"] = True
     markers = getattr(args, "reasoning_markers", None)  # feature: reasoning
     if markers is not None:
         if len(markers) == 1 and markers[0] in ("auto", "none"):

@@ -492,10 +492,13 @@ class RayGenerator:
 
     def stream(self, texts, *, params: Sequence[dict[str, Any] | None] | None = None, store: Any = None,
                on_error: str = "raise", near_duplicates: float | None = None, show_progress_bar: bool = True,
-               plain_prompts: bool = False, **call: Any) -> Iterator[GenerationResult]:
+               plain_prompts: bool = False, images: Sequence[Any] | None = None, **call: Any
+               ) -> Iterator[GenerationResult]:
         """Generate on the replicas, yielding each chunk's results as it finishes (``index``: the position
         in ``texts``). Arguments as ``SimpleGenerator.stream``'s; ``plain_prompts``: string prompts go to
-        the model as they are (no template). ``near_duplicates`` is decided here, on the prompts' text."""
+        the model as they are (no template). ``near_duplicates`` is decided here, on the prompts' text (prompts
+        with images are never near-duplicates). ``images`` travel with their prompts' chunks: paths must be
+        readable where the replicas run."""
         from .formatting import validate_inputs
         from .sampling_params import check_params_list
 
@@ -506,12 +509,15 @@ class RayGenerator:
         inputs = validate_inputs(texts)
         n = len(inputs)
         check_params_list(params, n)
+        if images is not None and len(images) != n:
+            raise ValueError(f"images has {len(images)} entries for {n} prompts: give one per prompt (None for a "
+                             "prompt without an image).")
         proxy = self._store_proxy(store)
         return self._run(inputs, params, near_duplicates, show_progress_bar,
-                         dict(call, store=proxy, on_error=on_error, plain_prompts=plain_prompts))
+                         dict(call, store=proxy, on_error=on_error, plain_prompts=plain_prompts), images)
 
     def _run(self, inputs: list, params, near_duplicates: float | None, show_progress_bar: bool,
-             options: dict[str, Any]) -> Iterator[GenerationResult]:
+             options: dict[str, Any], images: Sequence[Any] | None = None) -> Iterator[GenerationResult]:
         from tqdm.auto import tqdm
 
         n = len(inputs)
@@ -524,7 +530,11 @@ class RayGenerator:
             from .dedup import near_duplicates as find_near_duplicates
             from .io import prompt_text
 
-            removed = find_near_duplicates([prompt_text(p) for p in inputs], threshold=near_duplicates)
+            texts = [prompt_text(p) for p in inputs]
+            with_images = {i for i in range(n) if images is not None and images[i] is not None}
+            candidates = [i for i in range(n) if i not in with_images]
+            found = find_near_duplicates([texts[i] for i in candidates], threshold=near_duplicates)
+            removed = {candidates[dup]: candidates[kept] for dup, kept in found.items()}
             ready = [GenerationResult(index=i, prompt=prompt_text(inputs[i]), duplicate_of=kept)
                      for i, kept in sorted(removed.items())]
             summary.near_duplicates = len(removed)
@@ -548,7 +558,7 @@ class RayGenerator:
                     replica = free.pop(0)
                     ref = self._actors[replica].run.remote(
                         [inputs[i] for i in chunk], [params[i] for i in chunk] if params is not None else None,
-                        options)
+                        options if images is None else {**options, "images": [images[i] for i in chunk]})
                     running[ref] = (replica, chunk)
                 done, _ = ray.wait(list(running), num_returns=1)
                 replica, chunk = running.pop(done[0])
@@ -636,8 +646,9 @@ def _missing(value: Any) -> bool:
 
 
 def _to_record(index: int, row: dict[str, Any], fmt: str, where: str, prompt_field: str | None,
-               messages_field: str | None):
-    """One input row as io's ``InputRecord`` (the CLI's mapping), and the error that keeps it from running."""
+               messages_field: str | None, base: str | None = None):
+    """One input row as io's ``InputRecord`` (the CLI's mapping), and the error that keeps it from running;
+    relative image paths resolve against ``base`` (the input file's folder)."""
     from .io import InputError, InputRecord
     from .io.readers import make_record
 
@@ -646,7 +657,7 @@ def _to_record(index: int, row: dict[str, Any], fmt: str, where: str, prompt_fie
         if fmt == "txt":
             return InputRecord(index=index, prompt=raw.get("text", ""), source=where), None
         return make_record(index, raw, where, prompt_field=prompt_field, messages_field=messages_field,
-                           from_text=fmt == "csv"), None
+                           from_text=fmt == "csv", base=base), None
     except InputError as err:
         name = messages_field or prompt_field or next((k for k in ("prompt", "text", "messages") if k in raw), None)
         prompt = raw.get(name) if name else None
@@ -725,13 +736,16 @@ class RayDataSource:
         context.execution_options.preserve_order = True
         try:
             dataset = self._dataset()
+            from .io.readers import input_folder
+
+            base = input_folder(self.name)
             index = 0
             for batch in dataset.iter_batches(batch_size=4096, batch_format="pyarrow"):
                 for row in batch.to_pylist():
                     if self.limit is not None and index >= self.limit:
                         return
                     record, error = _to_record(index, row, self.format, self.name, self.prompt_field,
-                                               self.messages_field)
+                                               self.messages_field, base)
                     index += 1
                     if error is None:
                         yield record

@@ -34,6 +34,12 @@ class InputError(SimpleGenerationError, ValueError):
     """An input file or record that cannot be used; the message starts with ``file:line:``."""
 
 
+class ImageError(InputError):
+    """An image that cannot be used: a missing file, data that is not a decodable image, a remote URL while
+    remote images are off, a failed fetch. The message starts with where the image was given (e.g.
+    ``texts[3], image 1:`` or ``file:line:``). An ``InputError``, so a ``ValueError``."""
+
+
 class LanguageError(SimpleGenerationError, ValueError):
     """A language that cannot be resolved, or that the translation model does not have; ``closest`` lists the
     model's nearest codes (raised before any generation)."""
@@ -102,7 +108,7 @@ class Terminated(KeyboardInterrupt):
 
 
 __all__ = [
-    "BatchFailed", "BatchGenerationError", "DistributedGenerationError", "GenerationInterrupted", "InputError",
-    "LanguageError", "ModelLoadError", "NoEngineError", "SimpleGenerationError", "StoreError", "Terminated",
-    "UsageError",
+    "BatchFailed", "BatchGenerationError", "DistributedGenerationError", "GenerationInterrupted", "ImageError",
+    "InputError", "LanguageError", "ModelLoadError", "NoEngineError", "SimpleGenerationError", "StoreError",
+    "Terminated", "UsageError",
 ]

@@ -78,11 +78,39 @@ def _validate_messages(messages: Sequence[Any], where: str) -> None:
     if not messages:
         raise ValueError(f"{where} is an empty conversation.")
     for position, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
-                or message.get("role") not in _ROLES:
+        if not isinstance(message, dict) or message.get("role") not in _ROLES \
+                or not (isinstance(message.get("content"), str) or _is_part_list(message.get("content"))):
             raise TypeError(
-                f"{where}[{position}] must be a dict with 'role' in {_ROLES} and a str 'content', got {message!r}."
+                f"{where}[{position}] must be a dict with 'role' in {_ROLES} and a str 'content' (or a list of "
+                f"content parts: {{'type': 'text', 'text': ...}}, {{'type': 'image', 'image': ...}}), got {message!r}."
             )
+
+
+def _is_part_list(content: Any) -> bool:
+    return isinstance(content, list) and all(
+        isinstance(part, dict) and (part.get("type") in ("image", "image_url", "input_image")
+                                    or (part.get("type") == "text" and isinstance(part.get("text"), str)))
+        for part in content)
+
+
+def content_text(content: str | list[dict[str, Any]]) -> str:
+    """A message's text: its text parts joined (image parts hold none)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part.get("type") == "text")
+
+
+def has_image_parts(item: Any) -> bool:
+    """Whether a conversation holds image parts (placeholders or images)."""
+    return not isinstance(item, str) and any(
+        isinstance(m.get("content"), list) and any(p.get("type") != "text" for p in m["content"]) for m in item)
+
+
+def text_only(item: Any) -> Any:
+    """A conversation whose part-list contents are joined into strings (for text-only formatting)."""
+    if isinstance(item, str) or not any(isinstance(m.get("content"), list) for m in item):
+        return item
+    return [{**m, "content": content_text(m["content"])} for m in item]
 
 
 class PromptFormatter:
@@ -101,7 +129,9 @@ class PromptFormatter:
         system_message: str | None = None,
         apply_chat_template: bool = False,
         add_generation_prompt: bool = True,
+        vision: Any = None,
     ):
+        self.vision = vision  # image-text models: the processor's chat template places image tokens
         if template is not None and apply_chat_template:
             raise ValueError("Pass either system_prompt=<template name> or apply_chat_template=True, not both.")
         self.tokenizer = tokenizer
@@ -109,7 +139,7 @@ class PromptFormatter:
         self.system_message = system_message
         self.apply_chat_template = apply_chat_template
         self.add_generation_prompt = add_generation_prompt
-        if apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        if apply_chat_template and not self._chat_template:
             raise ValueError(
                 "apply_chat_template=True, but this tokenizer has no chat template. Pick a named template "
                 "(system_prompt=..., see available_system_prompts()) or set tokenizer.chat_template."
@@ -118,9 +148,15 @@ class PromptFormatter:
             raise ValueError("system_message needs a template: pass system_prompt=<name> or apply_chat_template=True.")
 
     @property
+    def _chat_template(self) -> str | None:
+        vision_template = self.vision.chat_template if self.vision is not None else None
+        return vision_template or getattr(self.tokenizer, "chat_template", None)
+
+    @property
     def formats_conversations(self) -> bool:
-        """Whether message lists can be formatted: a named template, or a tokenizer with a chat template."""
-        return self.template is not None or bool(getattr(self.tokenizer, "chat_template", None))
+        """Whether message lists can be formatted: a named template, or a tokenizer (processor) with a chat
+        template."""
+        return self.template is not None or bool(self._chat_template)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -136,8 +172,18 @@ class PromptFormatter:
     def format_one(self, item: str | list[Message]) -> str:
         """The prompt text of one input; a conversation whose contents hold special-token text comes back as a
         :class:`ChatText` that marks them (tokenized as text)."""
+        if has_image_parts(item):
+            if self.vision is None:
+                raise ValueError("this model takes text only, and the conversation holds images: load an "
+                                 "image-text-to-text model (e.g. LLaVA, Qwen2-VL, SmolVLM) for image prompts.")
+            if self.template is not None:
+                raise ValueError("a named template does not know where this model's image tokens go: drop "
+                                 "system_prompt= for image prompts (the processor's chat template places them).")
+        elif not isinstance(item, str):
+            item = text_only(item)
         text = self._render(item)
-        if isinstance(item, str) or not any(self.has_special_text(m["content"]) for m in item):
+        if isinstance(item, str) or has_image_parts(item) or not any(self.has_special_text(m["content"])
+                                                                     for m in item):
             return text
         return ChatText(text, self._content_spans(item, text))
 
@@ -179,6 +225,10 @@ class PromptFormatter:
         if self.apply_chat_template or (not isinstance(item, str) and self.formats_conversations):
             return self._apply_chat_template(self.messages_for(item))
         if not isinstance(item, str):  # no template at all: the transcript conversation_from_user_prompts uses
+            if has_image_parts(item):  # a processor that places image tokens itself (PaliGemma, BLIP-2)
+                if len(item) == 1 and item[0]["role"] == "user":
+                    return content_text(item[0]["content"])
+                item = text_only(item)
             return plain_transcript(item, self.add_generation_prompt)
         return item
 
@@ -191,6 +241,9 @@ class PromptFormatter:
         if self.system_message is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_message}] + messages
         add_generation_prompt = self.add_generation_prompt and messages[-1]["role"] == "user"
+        if self.vision is not None and self.vision.chat_template:
+            return self.vision.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def format_checked(self, index: int, item: str | list[Message]) -> str:

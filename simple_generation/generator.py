@@ -60,8 +60,9 @@ class SimpleGenerator:
         ['Hello, my name is ...']
 
     Args:
-        model_name_or_path: hub id or local folder of an ``AutoModelForCausalLM`` or
-            ``AutoModelForSeq2SeqLM`` checkpoint.
+        model_name_or_path: hub id or local folder of an ``AutoModelForCausalLM``,
+            ``AutoModelForSeq2SeqLM`` or ``AutoModelForImageTextToText`` checkpoint (the last take images:
+            ``gen(prompts, images=[...])``, see the README's Images).
         tokenizer_name_or_path: where the tokenizer lives, when not beside the model.
         device: move the model there (``"cuda:1"``, ``"cpu"``, ...). With neither ``device`` nor
             ``device_map``, one GPU when the model fits, ``device_map="auto"`` when it does not, else the CPU.
@@ -84,6 +85,7 @@ class SimpleGenerator:
             or vocabulary has them, as Qwen3's and DeepSeek-R1's do, else off), None (off) or an
             ``(opening, closing)`` pair: each answer's reasoning block goes to ``result.reasoning`` and the text
             keeps the answer after it (see the README's Reasoning models). A call may pass its own.
+        allow_remote_images: image-text models: fetch ``http(s)://`` image URLs (off by default: no network).
         **model_kwargs: for ``from_pretrained`` (or the engine's own options, e.g. vLLM's
             ``tensor_parallel_size``); ``load_in_8bit``/``load_in_4bit`` become a
             ``BitsAndBytesConfig``.
@@ -108,6 +110,7 @@ class SimpleGenerator:
         engine: str = "auto",
         fast_engine_after_s: float | None = None,
         reasoning_markers: str | tuple[str, str] | None = "auto",
+        allow_remote_images: bool = False,
         **model_kwargs: Any,
     ):
         if "system_prompts" in model_kwargs:  # the original README's spelling
@@ -126,14 +129,29 @@ class SimpleGenerator:
                                                 or isinstance(fast_engine_after_s, bool) or fast_engine_after_s < 0):
             raise ValueError(f"fast_engine_after_s must be a number of seconds >= 0 (or None), got "
                              f"{fast_engine_after_s!r}.")
+        self.processor = None
+        self.vision = None  # feature: images: image-text-to-text models (see vision.py)
         if runtime_engine:
             config = load_config(model_name_or_path, **model_kwargs)
+            from .vision import is_vision_config
+
+            runtime_vision = is_vision_config(config)
+            if runtime_vision and not cls.supports_images:
+                raise ValueError(f"engine={engine!r} does not run image-text-to-text models here yet: use "
+                                 "engine='static' or 'auto'.")
             self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
             tokenizer_kwargs = {k: model_kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir")
                                 if k in model_kwargs}
             self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
                                             padding_side="right" if self.is_encoder_decoder else "left",
                                             **tokenizer_kwargs)
+            if runtime_vision:  # the engine takes the images; prompts are still formatted and keyed here
+                from .loading import load_processor
+                from .vision import VisionInputs
+
+                self.processor = load_processor(tokenizer_name_or_path or model_name_or_path, self.tokenizer,
+                                                **tokenizer_kwargs)
+                self.vision = VisionInputs(self.processor, config, allow_remote=allow_remote_images)
             self.model = None
             self.config = config
             self.placement = engine
@@ -142,7 +160,8 @@ class SimpleGenerator:
             self.engine = cls.create(EngineContext(
                 model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=config,
                 is_encoder_decoder=self.is_encoder_decoder, model=None, model_kwargs=dict(model_kwargs),
-                engine_kwargs=engine_kwargs, lora_weights=lora_weights, device=str(device) if device else None))
+                engine_kwargs=engine_kwargs, lora_weights=lora_weights, device=str(device) if device else None,
+                is_vision=runtime_vision))
             self.router = EngineRouter.for_engine(self.engine)
             dtype = model_kwargs.get("dtype", model_kwargs.get("torch_dtype"))
             quantization = None
@@ -166,8 +185,13 @@ class SimpleGenerator:
             model_generation_config = self.model.generation_config
             dtype = self.model.dtype
             quantization = loaded.quantization
+            self.processor = loaded.processor
+            if self.processor is not None:
+                from .vision import VisionInputs
+
+                self.vision = VisionInputs(self.processor, self.config, allow_remote=allow_remote_images)
             fast = None  # the fast engines "auto" may move calls to (engines/fast.py)
-            if engine == "auto":
+            if engine == "auto" and self.vision is None:
                 fast = FastEngines.for_model(
                     self.model, placement=loaded.placement, quantization=loaded.quantization, compiled=loaded.compiled,
                     world_size=self.distribution.world_size, is_encoder_decoder=self.is_encoder_decoder,
@@ -176,7 +200,8 @@ class SimpleGenerator:
                     prefix_cache=engine_kwargs.get("prefix_cache", True))
             self.router = EngineRouter.for_model(engine, EngineContext(
                 model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
-                is_encoder_decoder=self.is_encoder_decoder, model=self.model), engine_kwargs=engine_kwargs, fast=fast)
+                is_encoder_decoder=self.is_encoder_decoder, model=self.model, is_vision=self.vision is not None),
+                engine_kwargs=engine_kwargs, fast=fast)
             self.engine = self.router.default  # static: always there to fall back on
             logger.info(
                 "Loaded %s: %s, dtype %s, on %s (%s); LoRA: %s; quantization: %s; compiled: %s; attention: %s; "
@@ -186,11 +211,15 @@ class SimpleGenerator:
                 "yes (static KV cache)" if loaded.compiled else "no", loaded.attention or "default",
                 self.router.preferred, self.router.reason,
             )
+        if self.vision is not None and system_prompt is not None:
+            raise ValueError("system_prompt names a text template, which does not know where this image-text model's "
+                             "image tokens go: drop it (the processor's chat template places them; system_message= "
+                             "still works).")
         self.engine_name = self.router.preferred
         self.engine_reason = self.router.reason
         self.formatter = PromptFormatter(
             self.tokenizer, template=system_prompt, system_message=system_message,
-            apply_chat_template=apply_chat_template, add_generation_prompt=add_generation_prompt,
+            apply_chat_template=apply_chat_template, add_generation_prompt=add_generation_prompt, vision=self.vision,
         )
         self.track_emissions = track_emissions
         self.emissions_dir = emissions_dir
@@ -234,7 +263,7 @@ class SimpleGenerator:
             current = self.formatter
             if current.template is None and not current.apply_chat_template:
                 return current
-            return PromptFormatter(self.tokenizer)
+            return PromptFormatter(self.tokenizer, vision=self.vision)
         options = {k: generation_kwargs.pop(k) for k in ("apply_chat_template", "add_generation_prompt")
                    if k in generation_kwargs}
         if not options:
@@ -244,6 +273,7 @@ class SimpleGenerator:
             self.tokenizer, template=current.template, system_message=current.system_message,
             apply_chat_template=options.get("apply_chat_template", current.apply_chat_template),
             add_generation_prompt=options.get("add_generation_prompt", current.add_generation_prompt),
+            vision=self.vision,
         )
 
     def _reasoning_for_call(self, generation_kwargs: dict[str, Any]) -> tuple[str, str] | None:
@@ -337,6 +367,7 @@ class SimpleGenerator:
         self,
         texts: str | Sequence[str],
         *,
+        images: Sequence[Any] | None = None,
         params: Sequence[dict[str, Any] | None] | None = None,
         store: str | os.PathLike | ResultStore | None = None,
         on_error: str = "raise",
@@ -356,6 +387,9 @@ class SimpleGenerator:
         Everything is checked before any generation starts (bad prompts, parameters, lengths).
 
         Args:
+            images: image-text-to-text models: one entry per prompt, None or an image or a list of images (a PIL
+                image, a path, bytes, a ``data:`` URL); conversations may hold image parts instead
+                (``{"type": "image", "image": ...}``, ``{"type": "image_url", "image_url": {"url": ...}}``).
             params: one dict or :class:`~simple_generation.sampling_params.SamplingParams` (or None) per
                 prompt with that prompt's own ``max_new_tokens`` (``max_tokens``, ``max_completion_tokens``),
                 ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop`` (``stop_strings``), ``seed``,
@@ -379,6 +413,15 @@ class SimpleGenerator:
         formatter = self._formatter_for_call(generation_kwargs)
         reasoning = self._reasoning_for_call(generation_kwargs)  # feature: reasoning
         inputs = validate_inputs(texts)
+        sources = None
+        if self.vision is not None:  # feature: images: taken out of the prompts, decoded per prompt in plan_call
+            from .vision import attach_images
+
+            inputs, sources = attach_images(inputs, images, chat=formatter.formats_conversations,
+                                            image_token=self.vision.image_token)
+        elif images is not None and any(image is not None for image in images):
+            raise ValueError("images were given, and this model takes text only: load an image-text-to-text model "
+                             "(e.g. LLaVA, Qwen2-VL, SmolVLM) for image prompts.")
         own_store = isinstance(store, (str, os.PathLike))
         store_obj = ResultStore(store) if own_store else store
         builder = ParamsBuilder(self._model_generation_config, self.defaults, self.tokenizer.pad_token_id,
@@ -394,6 +437,7 @@ class SimpleGenerator:
                 postprocessor=PostProcessor(self.tokenizer, self.is_encoder_decoder, formatter.stop_token_ids,
                                             shown_special=self._shown_special, reasoning_markers=reasoning),
                 vocab_size=model_vocab_size(self.config),  # feature: structured output
+                images=sources, vision=self.vision,
             )
             requests = plan.to_generate()
             engine, why = plan.engine, plan.engine_reason
@@ -713,3 +757,19 @@ def _generation_config_of(model_name_or_path, config, model_kwargs):
 def _own_keywords() -> tuple[str, ...]:
     """SimpleGenerator's keywords, offered as spellings when ``from_pretrained`` refuses an unknown one."""
     return tuple(p for p in inspect.signature(SimpleGenerator.__init__).parameters if p not in ("self", "model_kwargs"))
+
+
+class SimpleVLMGenerator(SimpleGenerator):
+    """The original project's name for image-text generation: a :class:`SimpleGenerator` whose ``__call__`` takes
+    the images as its second argument, one per prompt (None, an image or a list of images).
+
+    Example:
+        >>> gen = SimpleVLMGenerator("llava-hf/llava-1.5-7b-hf")                                  # doctest: +SKIP
+        >>> gen(["USER: <image>\nWhat is in this image? ASSISTANT:"], [Image.open("cat.png")])   # doctest: +SKIP
+    """
+
+    def __call__(self, texts: str | Sequence[str], images: Sequence[Any] | Any = None, *args: Any, **kwargs: Any
+                 ) -> list[str] | list[list[str]]:
+        if isinstance(texts, str) and images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        return super().__call__(texts, *args, images=images, **kwargs)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import output_record, prompt_text, windows
-from .io.records import InputError, InputRecord, prompt_problem
+from .io.records import InputError, InputRecord, image_identity, prompt_images, prompt_problem
 from .io.sources import InputSource, ListSource, Spool, scan_source
 
 __all__ = ["DryRun", "InputSource", "JobOptions", "JobProgress", "JobSummary", "ListSource", "Spool", "dry_run",
@@ -154,20 +154,50 @@ def open_store(path: str | Path | None, *, create: bool = True):
 
 
 # ---------------------------------------------------------------------------------------------- pre-pass
+def images_key(record: InputRecord) -> bytes:
+    """A short digest of a record's images (its ``images`` and its messages' image parts, by
+    :func:`~simple_generation.io.records.image_identity`: no decoding); ``b""`` without images."""
+    images = [*(record.images or []), *prompt_images(record.prompt)]
+    if not images:
+        return b""
+    names = "\0".join(image_identity(image) for image in images)
+    return hashlib.blake2b(names.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+
+
 def near_duplicates(source: Any, threshold: float) -> dict[int, int]:
     """``{index: index of the earlier record it nearly duplicates}`` over a whole source (MinHash, needs
-    datasketch); the first record of a group is kept."""
+    datasketch); the first record of a group is kept.
+
+    Images are not text: records are compared only with records that have the same images (the same sources,
+    :func:`images_key`). Records without images stream through one pass as before; when some images recur, a
+    second pass compares the texts of each group of records sharing them (only those texts are held)."""
     from .dedup import near_duplicates as find
 
-    indices: list[int] = []
+    plain: list[int] = []  # indices of the records without images, in order
+    counts: dict[bytes, int] = {}
 
-    def texts() -> Iterator[str]:
+    def plain_texts() -> Iterator[str]:
         for record in source.records():
-            indices.append(record.index)
+            key = images_key(record)
+            if key:
+                counts[key] = counts.get(key, 0) + 1
+                continue
+            plain.append(record.index)
             yield prompt_text(record.prompt)
 
-    found = find(texts(), threshold)
-    return {indices[removed]: indices[kept] for removed, kept in found.items()}
+    found = {plain[removed]: plain[kept] for removed, kept in find(plain_texts(), threshold).items()}
+    shared = {key for key, count in counts.items() if count > 1}
+    counts.clear()
+    if shared:
+        groups: dict[bytes, list[tuple[int, str]]] = {}
+        for record in source.records():
+            key = images_key(record)
+            if key in shared:
+                groups.setdefault(key, []).append((record.index, prompt_text(record.prompt)))
+        for group in groups.values():
+            removed = find([text for _, text in group], threshold)
+            found.update({group[r][0]: group[k][0] for r, k in removed.items()})
+    return dict(sorted(found.items()))
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -267,6 +297,7 @@ def run_job(generator: Any, source: Any, writer: Any, options: JobOptions | None
     def failed(record: InputRecord, error: str) -> None:
         summary.failures.append((record.index, record.source, error))
 
+    warned_images = False
     try:
         near = near_duplicates(source, options.near_dedup) if options.near_dedup is not None else {}
         summary.near_duplicates = len(near)
@@ -289,11 +320,23 @@ def run_job(generator: Any, source: Any, writer: Any, options: JobOptions | None
                     todo.append(record)
             for (group_skip_prompt, plain), group in _groups(todo, skip_prompt).items():
                 params = [record.params or None for record in group]
+                images = [record.images for record in group]  # the sources; decoded by the generator
+                if any(images) and getattr(generator, "vision", True) is None:  # a text model: fields carried only
+                    if not warned_images:
+                        logger.warning("The input has image fields and %s takes text only: the images are not "
+                                       "read (their paths are carried into the output).",
+                                       getattr(generator, "model_name_or_path", "this model"))
+                        warned_images = True
+                    images = []
                 results = generator.stream([record.prompt for record in group],
                                            params=params if any(params) else None,
+                                           **({"images": images} if any(images) else {}),
                                            **call, skip_prompt=group_skip_prompt, plain_prompts=plain)
                 for result in results:
                     record = group[result.index]
+                    if result.error is not None and result.error.startswith(f"texts[{result.index}]"):
+                        # the generator names the prompt by its place in this window: the record is the place
+                        result.error = result.error[len(f"texts[{result.index}]"):].lstrip(",: ")
                     out = output_record(record, result, reasoning=reasoning)
                     if out["error"] is not None:
                         failed(record, str(out["error"]))

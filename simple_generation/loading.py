@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -57,6 +58,7 @@ class LoadedModel:
     quantization: str | None = None
     compiled: bool = False
     attention: str | None = None
+    processor: Any = None  # image-text-to-text models: their processor (tokenizer + image processor)
 
 
 def load_config(name_or_path: str, **kwargs: Any) -> PretrainedConfig:
@@ -122,8 +124,70 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left", vocab_size: in
 
 
 def model_class_for(config: PretrainedConfig):
-    """AutoModelForSeq2SeqLM for encoder-decoders, AutoModelForCausalLM otherwise."""
+    """AutoModelForImageTextToText for vision-language models, AutoModelForSeq2SeqLM for encoder-decoders,
+    AutoModelForCausalLM otherwise."""
+    from .vision import is_vision_config
+
+    if is_vision_config(config):
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _processor_class(name_or_path: str, **kwargs: Any) -> type:
+    """The processor class a checkpoint names (its processor or tokenizer config, else its model type's)."""
+    import json
+
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    for file in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = os.path.join(str(name_or_path), file)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                name = json.load(handle).get("processor_class")
+            if name and hasattr(transformers, name):
+                return getattr(transformers, name)
+    model_type = load_config(name_or_path, **kwargs).model_type
+    return getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+
+
+@functools.cache
+def _images_only(processor_class: type) -> type:
+    """``processor_class`` without its video processor (transformers builds one only with torchvision installed)."""
+
+    class ImagesOnly(processor_class):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = processor_class.__name__
+    return ImagesOnly
+
+
+def load_processor(name_or_path: str, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> Any:
+    """An image-text model's processor (``AutoProcessor``), sharing ``tokenizer`` (padding side, pad token)."""
+    from transformers import AutoProcessor
+
+    try:
+        try:
+            processor = AutoProcessor.from_pretrained(str(name_or_path), **kwargs)
+        except ImportError as err:  # a video processor needs torchvision; images alone do not
+            if "torchvision" not in str(err).lower():
+                raise
+            processor = _images_only(_processor_class(name_or_path, **kwargs)).from_pretrained(str(name_or_path),
+                                                                                               **kwargs)
+            logger.info("torchvision is not installed: %s loaded without its video processor (images work).",
+                        type(processor).__name__)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"Could not load the image processor of {name_or_path!r}: image-text models need their "
+                             f"processor files (preprocessor_config.json) beside the model. ({err})") from err
+    if not hasattr(processor, "image_processor"):
+        raise ModelLoadError(f"{name_or_path!r} is an image-text model, but AutoProcessor gave a "
+                             f"{type(processor).__name__} without an image processor.")
+    processor.tokenizer = tokenizer
+    return processor
 
 
 def context_length(config: PretrainedConfig) -> int | None:
@@ -193,13 +257,18 @@ def load_for_generation(
     config = load_config(model_name_or_path, **model_kwargs)
     if options.lora_weights is not None:
         check_adapter_path(options.lora_weights)
-    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    from .vision import is_vision_config
+
+    vision = is_vision_config(config)
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False)) and not vision
     tokenizer_kwargs = {k: model_kwargs[k] for k in _TOKENIZER_KWARGS if k in model_kwargs}
     if "gguf_file" in model_kwargs and tokenizer_name_or_path is None:
         tokenizer_kwargs["gguf_file"] = model_kwargs["gguf_file"]
     tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
                                padding_side="right" if is_encoder_decoder else "left",
                                vocab_size=getattr(config.get_text_config(), "vocab_size", None), **tokenizer_kwargs)
+    processor = load_processor(tokenizer_name_or_path or model_name_or_path, tokenizer, **tokenizer_kwargs) \
+        if vision else None
 
     quantization = model_quantization(model_kwargs, config)
     if model_kwargs.get("device_map") is not None:
@@ -233,7 +302,7 @@ def load_for_generation(
     where = str(model.device) if not hf_map or len(set(hf_map.values())) == 1 else \
         f"device_map over {sorted({str(v) for v in hf_map.values()})}"
     return LoadedModel(model, tokenizer, is_encoder_decoder, where, placement.reason, lora, quantization,
-                       options.compile_model, getattr(model.config, "_attn_implementation", None))
+                       options.compile_model, getattr(model.config, "_attn_implementation", None), processor)
 
 
 def check_adapter_path(lora_weights: str) -> None:

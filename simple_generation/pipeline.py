@@ -25,7 +25,7 @@ from .engines.base import Engine
 from .engines.router import EngineRouter
 from .engines.select import JobSize
 from .errors import BatchFailed, BatchGenerationError, GenerationInterrupted
-from .formatting import PromptFormatter
+from .formatting import PromptFormatter, content_text
 from .params import ParamsBuilder
 from .postprocess import PostProcessor
 from .requests import EngineOutput, Request
@@ -117,12 +117,16 @@ def plan_call(
     skip_prompt: bool,
     postprocessor: PostProcessor,
     vocab_size: int | None = None,
+    images: Sequence[Sequence[Any]] | None = None,
+    vision: Any = None,
 ) -> CallPlan:
     """Validate and prepare a call (no generation happens here).
 
     ``router`` chooses the engine (it may raise :class:`~simple_generation.errors.NoEngineError`, a ValueError,
     when no engine supports the call) and starts a fast one only when something must be generated;
     ``model_identity(family)`` is the model identity in the store keys of that engine family's answers.
+    ``images[i]`` are prompt ``i``'s image sources and ``vision`` (a :class:`~simple_generation.vision.VisionInputs`)
+    turns them into tokens and pixel tensors: a missing or undecodable image is that prompt's error.
     """
     if on_error not in ("raise", "record"):
         raise ValueError(f'on_error must be "raise" or "record", got {on_error!r}.')
@@ -130,7 +134,7 @@ def plan_call(
     n = len(inputs)
     unusable: dict[int, str] = {}  # prompts that are not valid Unicode: one failed result each under "record"
     for index, item in enumerate(inputs):
-        for text in [item] if isinstance(item, str) else [message["content"] for message in item]:
+        for text in [item] if isinstance(item, str) else [content_text(message["content"]) for message in item]:
             problem = _text_problem(text, f"texts[{index}]")
             if problem is not None:
                 if not record:
@@ -173,11 +177,35 @@ def plan_call(
         except ValueError as err:  # a template's refusal, reported per prompt
             fail(index, str(err))
 
+    # feature: images: decoded and processed one prompt at a time (pixels are loaded again when the batch runs)
+    media: dict[int, Any] = {}
+    if images is not None and any(images):
+        if vision is None:
+            first = next(i for i, found in enumerate(images) if found)
+            raise ValueError(f"texts[{first}] has images, and this model takes text only: load an image-text-to-text "
+                             "model (e.g. LLaVA, Qwen2-VL, SmolVLM) for image prompts.")
+        for index, found in enumerate(images):
+            if found and index not in failed:
+                if per_prompt[index].prompt_logprobs is not None:
+                    fail(index, f"texts[{index}]: prompt_logprobs are not available for prompts with images.")
+                    continue
+                try:
+                    media[index] = vision.process(texts[index], found, f"texts[{index}]")
+                except ValueError as err:  # ImageError included: a missing, undecodable or refused image
+                    if not record:
+                        raise
+                    fail(index, str(err))
+    if vision is not None and vision.needs_an_image:
+        for index in range(n):
+            if index not in failed and index not in media:
+                fail(index, f"texts[{index}] has no image, and this model ({vision.model_type}) generates from an "
+                            "image: give it one.")
+
     removed: dict[int, int] = {}
     if near_duplicates is not None:
         from .dedup import near_duplicates as find_near_duplicates
 
-        candidates = [i for i in range(n) if i not in failed]
+        candidates = [i for i in range(n) if i not in failed and i not in media]  # images: never near-duplicates
         found = find_near_duplicates([texts[i] for i in candidates], threshold=near_duplicates)
         removed = {candidates[dup]: candidates[kept] for dup, kept in found.items()}
         for index, kept in removed.items():
@@ -186,13 +214,18 @@ def plan_call(
     live = [i for i in range(n) if i not in failed and i not in removed]
     token_ids: dict[int, list[int]] = {}
     probed: set[int] = set()  # far too long: token_ids holds a piece's tokens only (a lower bound of the count)
+    for index in live:
+        if index in media:
+            token_ids[index] = media[index].token_ids
     if context_length is not None:
         for index in live:
+            if index in media:
+                continue
             ids = probe_too_long(formatter.tokenize, texts[index], context_length, from_end=truncate)
             if ids is not None:
                 token_ids[index] = ids
                 probed.add(index)
-    rest = [i for i in live if i not in probed]
+    rest = [i for i in live if i not in probed and i not in media]
     if rest:
         token_ids.update(zip(rest, start_empty(formatter.tokenize([texts[i] for i in rest]))))
 
@@ -207,7 +240,7 @@ def plan_call(
         if context_length is not None:
             room = context_length if is_encoder_decoder else context_length - len(ids)
             if len(ids) > context_length or (not is_encoder_decoder and room < 1):
-                if truncate:
+                if truncate and index not in media:  # truncating would cut image tokens: too long it is
                     keep = context_length - (0 if is_encoder_decoder else min(budget, context_length - 1))
                     bos = formatter.tokenizer.bos_token_id
                     keep_bos = bos is not None and ids and ids[0] == bos
@@ -259,6 +292,8 @@ def plan_call(
         spans = getattr(texts[index], "content_spans", ())
         if spans:  # special-token text of messages, tokenized as text: not the same prompt as the raw string
             identity_prompt += f"\x00content-as-text:{list(spans)}"
+        if index in media:  # feature: images: the decoded pixels of each image, in order
+            identity_prompt += f"\x00images:{media[index].digests}"
         identity_prompts[index] = identity_prompt
         copy = 0
         if not prompt_params.deterministic:
@@ -294,7 +329,8 @@ def plan_call(
             # copies of a sampled prompt draw independent samples: each copy gets its own seed
             seed = mix(seed, copy_numbers[index], -1)
         request = Request(id=len(ordered_slots), token_ids=token_ids[index], params=prompt_params,
-                          max_new_tokens=budgets[index], seed=seed, key=key)
+                          max_new_tokens=budgets[index], seed=seed, key=key,
+                          media=media[index].media if index in media else None)
         slot = Slot(request, [index], texts[index])
         ordered_slots.append(slot)
         if dedup:

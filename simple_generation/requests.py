@@ -93,6 +93,9 @@ class Request:
     max_new_tokens: int
     seed: int | None = None
     key: str = ""
+    # image-text models: a simple_generation.vision.PromptMedia that loads this prompt's images or processor tensors
+    # (pixels, image sizes/grids) when its batch runs (None: a text-only prompt)
+    media: Any = None
 
 
 @dataclass

@@ -492,3 +492,237 @@ def test_batch_tab_runs_the_job_layer_and_resumes_from_its_store(gen, tmp_path):
     shutil.rmtree(output.parent, ignore_errors=True)
     with pytest.raises(ValueError, match="Upload a .txt, .jsonl, .csv file"):
         run_batch(gen, tmp_path / "prompts.parquet", settings, tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------- images (an image-text model)
+VLM_QUESTION = "What is in this picture?"
+
+
+@pytest.fixture(scope="module")
+def llava_path(tmp_path_factory):
+    from .vlm_models import build_vlm
+
+    return build_vlm("llava", tmp_path_factory.mktemp("app-vlm") / "llava")
+
+
+@pytest.fixture(scope="module")
+def vlm_gen(llava_path):
+    return SimpleGenerator(llava_path, device="cpu", track_emissions=False)
+
+
+def _image_file(folder: Path, seed: int, name: str) -> Path:
+    from .vlm_models import make_image
+
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image(seed).save(path)
+    return path
+
+
+def _image_turn(image, text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": text}]}
+
+
+def test_chat_turn_with_an_image_answers_as_the_generator(vlm_gen, tmp_path):
+    """What the chat tab sends for a turn with an image (user_message + chat_request + stream_reply) answers as
+    the generator does for that conversation; a later text turn keeps the first turn's image."""
+    from simple_generation.app import user_message
+
+    image = _image_file(tmp_path, 1, "a.png")
+    first = user_message(VLM_QUESTION, [image])
+    assert first == _image_turn(image, VLM_QUESTION)
+    assert user_message("Hi") == {"role": "user", "content": "Hi"}
+    assert user_message("  ", [image])["content"] == [{"type": "image", "image": str(image)}]
+    settings = generation_settings(temperature=0, top_p=1.0, max_new_tokens=8)
+    history = [first]
+    answer = list(stream_reply(vlm_gen, chat_request(vlm_gen, history), settings, threading.Event()))[-1]
+    assert answer.error is None
+    assert answer.text == vlm_gen([[_image_turn(image, VLM_QUESTION)]], skip_prompt=True, max_new_tokens=8,
+                                  temperature=0, show_progress_bar=False)[0].strip()
+    other = user_message(VLM_QUESTION, [_image_file(tmp_path, 2, "b.png")])  # the answer depends on the image
+    assert list(stream_reply(vlm_gen, [other], settings, threading.Event()))[-1].text != answer.text
+    history += [{"role": "assistant", "content": answer.text}, user_message("And the colours?")]
+    second = list(stream_reply(vlm_gen, chat_request(vlm_gen, history), settings, threading.Event()))[-1]
+    assert second.error is None
+    assert second.text == vlm_gen([history], skip_prompt=True, max_new_tokens=8, temperature=0,
+                                  show_progress_bar=False)[0].strip()
+    assert history[0]["content"][0] == {"type": "image", "image": str(image)}  # chat_request copied, not changed
+
+
+def _zip(path: Path, entries: dict[str, bytes | str]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for name, data in entries.items():
+            bundle.writestr(name, data)
+    return path
+
+
+def test_batch_zip_with_images_runs_each_record_and_refuses_unsafe_entries(vlm_gen, tmp_path):
+    """A .zip of records.jsonl + images/: relative paths resolve in the extracted folder, a missing image is that
+    record's error (named by the archive's path), the store resumes the same zip, data: URLs need no zip, and
+    entries with '..' or absolute paths, zip bombs and image paths outside the archive are refused."""
+    import base64
+
+    from simple_generation.app import BatchSettings, extract_zip, run_batch
+
+    images = tmp_path / "src"
+    a, b = _image_file(images, 1, "a.png"), _image_file(images, 2, "b.png")
+    records = [{"id": 0, "prompt": VLM_QUESTION, "image": "images/a.png"},
+               {"id": 1, "prompt": "And this one?", "image": "images/missing.png"},
+               {"id": 2, "prompt": "Compare them.", "images": ["images/a.png", "images/b.png"]}]
+    jsonl = "".join(json.dumps(r) + "\n" for r in records)
+    bundle = _zip(tmp_path / "pictures.zip", {"records.jsonl": jsonl, "images/a.png": a.read_bytes(),
+                                              "images/b.png": b.read_bytes()})
+    settings = BatchSettings(max_new_tokens=5)
+    before = _app_folders()
+    output, rows = run_batch(vlm_gen, bundle, settings, tmp_path / "cache")
+    expected = vlm_gen([VLM_QUESTION, "Compare them."], images=[[str(a)], [str(a), str(b)]], max_new_tokens=5,
+                       temperature=0, skip_prompt=True, show_progress_bar=False)
+    assert [r["id"] for r in rows] == [0, 1, 2]
+    assert [rows[0]["answer"], rows[2]["answer"]] == expected and all(expected)
+    assert rows[0]["error"] is None and rows[2]["error"] is None
+    assert rows[1]["answer"] is None and "images/missing.png" in rows[1]["error"]
+    assert str(output.parent) not in rows[1]["error"]  # the server's folder is not shown
+    assert rows[0]["image"] == "images/a.png" and rows[2]["images"] == ["images/a.png", "images/b.png"]
+    assert [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()] == rows
+    assert output.name == "pictures.answers.jsonl"
+    shutil.rmtree(output.parent)
+    _, again = run_batch(vlm_gen, bundle, settings, tmp_path / "cache")  # the same zip: from the store
+    assert [r["answer"] for r in again] == [r["answer"] for r in rows]
+    assert vlm_gen.last_run.generated_tokens == 0
+    shutil.rmtree(_.parent)
+
+    # a parquet records file of any name, in a folder of the zip
+    import pandas as pd
+
+    frame = tmp_path / "table.parquet"
+    pd.DataFrame([records[0], records[2]]).drop(columns=["image", "images"]).assign(
+        images=[["../images/a.png"], ["../images/a.png", "../images/b.png"]]).to_parquet(frame)
+    table = _zip(tmp_path / "table.zip", {"data/my table.parquet": frame.read_bytes(),
+                                          "images/a.png": a.read_bytes(), "images/b.png": b.read_bytes()})
+    output, from_parquet = run_batch(vlm_gen, table, settings, tmp_path / "cache")
+    assert [r["answer"] for r in from_parquet] == expected
+    shutil.rmtree(output.parent)
+
+    # data: URLs need no zip
+    data_url = "data:image/png;base64," + base64.b64encode(a.read_bytes()).decode()
+    plain = tmp_path / "inline.jsonl"
+    plain.write_text(json.dumps({"prompt": VLM_QUESTION, "image": data_url}) + "\n", encoding="utf-8")
+    output, inline = run_batch(vlm_gen, plain, settings, tmp_path / "cache")
+    assert inline[0]["error"] is None and inline[0]["answer"] == expected[0]
+    shutil.rmtree(output.parent)
+
+    # refused: a path in a plain upload, a path leading out of the zip, '..', absolute, a bomb, two records files
+    plain.write_text(json.dumps({"prompt": "x", "image": str(a)}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not an uploaded file"):
+        run_batch(vlm_gen, plain, settings, tmp_path / "cache")
+    outside = _zip(tmp_path / "outside.zip", {"r.jsonl": json.dumps({"prompt": "x", "image": str(a)}) + "\n"})
+    with pytest.raises(ValueError, match="not an uploaded file"):
+        run_batch(vlm_gen, outside, settings, tmp_path / "cache")
+    up = _zip(tmp_path / "up.zip", {"r.jsonl": json.dumps({"prompt": "x", "image": "../a.png"}) + "\n"})
+    with pytest.raises(ValueError, match="not an uploaded file"):
+        run_batch(vlm_gen, up, settings, tmp_path / "cache")
+    for name in ("../escape.png", "images/../../escape.png", "/tmp/absolute.png", "C:/x.png", "a\\..\\b.png"):
+        evil = _zip(tmp_path / "evil.zip", {"records.jsonl": jsonl, name: a.read_bytes()})
+        with pytest.raises(ValueError, match="is refused"):
+            run_batch(vlm_gen, evil, settings, tmp_path / "cache")
+    assert not (tmp_path / "escape.png").exists() and not Path("/tmp/absolute.png").exists()
+    bomb = _zip(tmp_path / "bomb.zip", {"records.jsonl": jsonl, "images/zeros.png": b"\0" * (3 * 1024 * 1024)})
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ValueError, match="unpacks to more than 2 MB"):
+        run_batch(vlm_gen, bomb, settings, tmp_path / "cache", max_unzipped_mb=2)
+    two = _zip(tmp_path / "two.zip", {"a.jsonl": jsonl, "b.csv": "prompt\nx\n"})
+    with pytest.raises(ValueError, match="exactly one records file"):
+        run_batch(vlm_gen, two, settings, tmp_path / "cache")
+    not_zip = tmp_path / "fake.zip"
+    not_zip.write_text("hello")
+    with pytest.raises(ValueError, match="not a zip"):
+        run_batch(vlm_gen, not_zip, settings, tmp_path / "cache")
+    assert _app_folders() - before == set()  # every run's folder went (the refused ones at once)
+    # extract_zip alone: the records file in a subfolder, __MACOSX skipped
+    nested = _zip(tmp_path / "nested.zip", {"data/records.jsonl": jsonl, "data/images/a.png": a.read_bytes(),
+                                            "__MACOSX/data/._records.jsonl": "junk"})
+    found = extract_zip(nested, tmp_path / "out", 10 * 1024 * 1024)
+    assert found == (tmp_path / "out" / "data" / "records.jsonl").resolve()
+    assert not (tmp_path / "out" / "__MACOSX").exists()
+
+
+@pytest.fixture(scope="module")
+def vlm_server(vlm_gen, tmp_path_factory):
+    pytest.importorskip("gradio")
+    from simple_generation.app import build_app
+
+    demo = build_app(vlm_gen, cache_dir=tmp_path_factory.mktemp("app-vlm-cache"), max_upload_mb=UPLOAD_LIMIT_MB)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.mark.slow
+def test_chat_answers_a_question_about_an_uploaded_image(browser, vlm_server, vlm_gen, tmp_path):
+    """On a tiny LLaVA the chat takes an image with the message: the page shows the image in the user's turn and
+    the generator's answer for that conversation; a second image pasted into the box goes into the next turn
+    (the first keeps its own); the batch tab runs a .zip of records and images."""
+    import base64
+
+    image = _image_file(tmp_path, 3, "photo.png")
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    outside = _outside_requests(context)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(vlm_server)
+    page.wait_for_selector("#chat-input textarea")
+    chat_settings(page)
+    page.locator("#chat-input input[type=file]").set_input_files(str(image))
+    page.wait_for_selector("#chat-input img")  # the upload is done: its thumbnail is in the box
+    send(page, VLM_QUESTION)
+    wait_for_answer(page, 1)
+    first = [_image_turn(image, VLM_QUESTION)]
+    expected = vlm_gen([first], skip_prompt=True, max_new_tokens=CHAT_TOKENS, temperature=0,
+                       show_progress_bar=False)[0]
+    assert messages(page, "bot") == [expected.strip()]
+    assert page.locator('#chatbot [data-testid="user"] img').count() == 1  # the turn shows its image
+    assert page.locator('#chatbot button[aria-label="Share"]:visible').count() == 0  # it would post elsewhere
+    assert page.locator("#chat-input img").count() == 0  # the box was emptied
+    # a second image, pasted into the box; the first turn keeps its image
+    other = _image_file(tmp_path, 4, "other.png")
+    page.locator("#chat-input textarea").focus()
+    page.evaluate("""data => { const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const clipboard = new DataTransfer();
+        clipboard.items.add(new File([bytes], 'pasted.png', {type: 'image/png'}));
+        document.querySelector('#chat-input textarea').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: clipboard, bubbles: true, cancelable: true})); }""",
+                  base64.b64encode(other.read_bytes()).decode())
+    page.wait_for_selector("#chat-input img")
+    send(page, "And this one?")
+    wait_for_answer(page, 2)
+    second = first + [{"role": "assistant", "content": expected.strip()}, _image_turn(other, "And this one?")]
+    assert messages(page, "bot")[1] == vlm_gen([second], skip_prompt=True, max_new_tokens=CHAT_TOKENS,
+                                                temperature=0, show_progress_bar=False)[0].strip()
+    assert page.locator('#chatbot [data-testid="user"] img').count() == 2
+    page.screenshot(path=str(tmp_path / "app-chat-image.png"), full_page=True)
+    # the batch tab takes a .zip of a records file and its images here
+    records = [{"id": "a", "prompt": VLM_QUESTION, "image": "images/photo.png"},
+               {"id": "b", "prompt": VLM_QUESTION, "image": "images/missing.png"}]
+    bundle = _zip(tmp_path / "album.zip", {"records.jsonl": "".join(json.dumps(r) + "\n" for r in records),
+                                           "images/photo.png": image.read_bytes()})
+    page.get_by_role("tab", name="Batch").click()
+    assert ".zip" in (page.get_attribute("#batch-file input[type=file]", "accept") or "")
+    run_batch(page, bundle, max_new_tokens=4)
+    status = page.inner_text("#batch-status")
+    assert "2/2 prompts" in status and "1 failed" in status, status
+    assert "images/missing.png" in page.inner_text("#batch-table")
+    page.screenshot(path=str(tmp_path / "app-batch-zip.png"), full_page=True)
+    context.close()
+    assert outside == [], outside
+
+
+@pytest.mark.slow
+def test_a_text_model_page_has_no_image_input(open_page):
+    page = open_page()
+    assert page.locator("#chat-input input[type=file]").count() == 0
+    page.get_by_role("tab", name="Batch").click()
+    page.wait_for_selector("#batch-file")
+    assert ".zip" not in (page.get_attribute("#batch-file input[type=file]", "accept") or "")

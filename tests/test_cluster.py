@@ -383,6 +383,31 @@ def test_bad_records_are_recorded_not_fatal_parquet(cluster, reference, llama_pa
         assert summary.energy_kwh > 0 and summary.emissions_kg_co2eq > 0
 
 
+def test_image_records_run_on_replicas_as_locally(cluster, tmp_path, tmp_path_factory):
+    """A JSONL naming images by relative paths (and one missing): replicas answer as a local run does."""
+    from .vlm_models import build_vlm, make_image
+
+    llava = build_vlm("llava", tmp_path_factory.mktemp("ray-llava") / "llava")
+    (tmp_path / "photos").mkdir()
+    rows = []
+    for i in range(8):
+        make_image(40 + i, (36 + 6 * i, 40)).save(tmp_path / "photos" / f"{i}.png")
+        rows.append({"id": i, "prompt": f"Picture {i}?", "image": f"photos/{i}.png"})
+    rows.append({"id": "missing", "prompt": "This one?", "image": "photos/none.png"})
+    source = tmp_path / "images.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = generate_dataset(str(source), llava, str(tmp_path / "out.jsonl"), replicas=2, batch_size=4,
+                               **GREEDY, **QUIET)
+    records = read_records(tmp_path / "out.jsonl")
+    local = SimpleGenerator(llava, device="cpu", track_emissions=False)
+    expected = local([f"Picture {i}?" for i in range(8)], images=[str(tmp_path / "photos" / f"{i}.png")
+                                                                  for i in range(8)],
+                     show_progress_bar=False, **GREEDY)
+    assert [r["answer"] for r in records[:8]] == expected
+    assert records[8]["answer"] is None and "none.png" in records[8]["error"]
+    assert (summary.generated, summary.errors) == (9, 1)
+
+
 def _node_of(pid: int, roots: list[int]) -> int | None:
     """The ``ray start`` process (node) a process descends from."""
     with contextlib.suppress(psutil.NoSuchProcess):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "simple_generation"
-ENTRY_POINTS = {"__init__", "__main__", "cli", "app", "cluster", "generator"}  # the façade is one of them
+ENTRY_POINTS = {"__init__", "__main__", "cli", "app", "cluster", "generator", "vlm"}  # the façade is one of them
 JOBS = {"jobs"}
 PIPELINE = {"pipeline"}
 

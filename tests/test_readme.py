@@ -45,6 +45,7 @@ HUB_IDS = {
     "meta-llama/Meta-Llama-3-8B-Instruct": "llama-chat",
     "google/flan-t5-large": "t5",
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "reasoning",  # a Qwen3 with <think> markers (test_reasoning)
+    "llava-hf/llava-1.5-7b-hf": "llava",  # a tiny LLaVA with its real processor (tests/vlm_models.py)
 }
 
 # Whole blocks not run, found by a distinctive piece of their text: (piece, why).
@@ -147,7 +148,10 @@ def stand_ins(tiny_checkpoints, tmp_path_factory):
 
     reasoning = build_reasoning_checkpoint(tiny_checkpoints["llama"], tmp_path_factory.mktemp("readme-reasoning"),
                                            special=False)
-    return {**tiny_checkpoints, "llama-chat": str(chat), "reasoning": reasoning}
+    from .vlm_models import build_vlm
+
+    llava = build_vlm("llava", tmp_path_factory.mktemp("readme-llava") / "llava")
+    return {**tiny_checkpoints, "llama-chat": str(chat), "reasoning": reasoning, "llava": llava}
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,8 @@ class Engine(Protocol):
     ``supports_encoder_decoder``, ``supports_beam_search`` (``num_beams > 1``, group beam search),
     ``supports_generate_kwargs`` (``model.generate`` arguments such as logits processors or streamers;
     the tokenizer the façade adds for stop strings is always fine) and ``unsupported_settings``
-    (``GenerationConfig`` fields it has no equivalent of, each with its neutral value).
+    (``GenerationConfig`` fields it has no equivalent of, each with its neutral value); ``supports_images``
+    (requests of image-text models carry ``media``: :class:`~simple_generation.vision.PromptMedia`).
 
     ``run`` must yield every request exactly once. Out-of-memory is the engine's to handle (shrink
     and retry; never drop finished work). Any other failure: with ``isolate_errors=False`` raise
@@ -76,6 +77,7 @@ class Engine(Protocol):
     supports_encoder_decoder: ClassVar[bool]
     supports_beam_search: ClassVar[bool]
     supports_generate_kwargs: ClassVar[bool]
+    supports_images: ClassVar[bool]
     unsupported_settings: ClassVar[Mapping[str, Any]]
     stats: EngineStats
 
@@ -126,6 +128,7 @@ class EngineBase:
     supports_encoder_decoder: ClassVar[bool] = False
     supports_beam_search: ClassVar[bool] = False
     supports_generate_kwargs: ClassVar[bool] = False
+    supports_images: ClassVar[bool] = False
     unsupported_settings: ClassVar[Mapping[str, Any]] = {}
     engine_kwargs: ClassVar[frozenset[str]] = frozenset()  # the constructor keywords meant for this engine
     stats: EngineStats
@@ -201,3 +204,4 @@ class EngineContext:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     lora_weights: str | None = None
     device: str | None = None
+    is_vision: bool = False  # an image-text-to-text model (prompts may carry images)

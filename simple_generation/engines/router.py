@@ -53,7 +53,7 @@ def hf_auto_order(is_encoder_decoder: bool) -> list[str]:
     return ["static"] if is_encoder_decoder else ["continuous", "static"]
 
 
-def engine_order(requested: str, is_encoder_decoder: bool) -> tuple[list[str], str]:
+def engine_order(requested: str, is_encoder_decoder: bool, is_vision: bool = False) -> tuple[list[str], str]:
     """(engine names in order of preference, why) for the constructor's ``engine`` argument.
 
     ``"auto"`` picks among the HF engines, which share the loaded model: continuous batching for causal
@@ -61,6 +61,13 @@ def engine_order(requested: str, is_encoder_decoder: bool) -> tuple[list[str], s
     for encoder-decoders. A named HF engine other than static falls back to static; an engine with its
     own runtime has no fallback.
     """
+    if is_vision:  # feature: images: model.generate takes the pixel tensors; our continuous scheduler does not yet
+        if requested == "auto":
+            return ["static"], "auto: static batching (an image-text model: the continuous engine does not take " \
+                               "images yet)"
+        if not engine_class(requested).supports_images:
+            raise ValueError(f"engine={requested!r} does not run image-text-to-text models yet: use engine='static' "
+                             "or 'auto'.")
     if requested == "auto":
         order = hf_auto_order(is_encoder_decoder)
         why = ("continuous batching for a causal model" if order[0] == "continuous"
@@ -144,7 +151,7 @@ class EngineRouter:
     def for_model(cls, requested: str, context: EngineContext, *, engine_kwargs: dict[str, Any] | None = None,
                   fast: FastEngines | None = None) -> EngineRouter:
         """The router for an HF model loaded for ``engine=requested`` (``"auto"`` or an HF engine's name)."""
-        order, reason = engine_order(requested, context.is_encoder_decoder)
+        order, reason = engine_order(requested, context.is_encoder_decoder, context.is_vision)
         kwargs_for = "continuous" if requested == "auto" else requested
         return cls(order, reason, context, engine_kwargs=engine_kwargs, kwargs_for=kwargs_for, fast=fast)
 

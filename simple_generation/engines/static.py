@@ -50,6 +50,7 @@ class StaticEngine(EngineBase):
     supports_encoder_decoder = True
     supports_beam_search = True
     supports_generate_kwargs = True  # model.generate takes them all
+    supports_images = True  # model.generate takes the processor's pixel tensors
 
     def __init__(self, model, tokenizer, is_encoder_decoder: bool):
         self.model = model
@@ -60,6 +61,12 @@ class StaticEngine(EngineBase):
         self.sort = True
         self.stats = EngineStats()
         self.on_batch_start = None  # hook for the façade (first-batch compile timing)
+        # feature: images: architectures whose image prompts were checked to batch (others run them one at a time)
+        from ..vision import BATCHED_MODEL_TYPES
+
+        self.model_type = getattr(model.config, "model_type", "")
+        self.batches_images = self.model_type in BATCHED_MODEL_TYPES
+        self._logged_single = False
         from ..loading import context_length
 
         # a padded batch runs to its widest prompt plus its largest budget: keep that inside the context
@@ -120,6 +127,8 @@ class StaticEngine(EngineBase):
         # so the n sequences of a request become n rows here
         rows_per_request = n if seeded and n > 1 else 1
         inputs = self.pad([r.token_ids for r in requests for _ in range(rows_per_request)])
+        if any(r.media is not None for r in requests):  # feature: images: pixel tensors batched with their rows
+            inputs.update(self._media(requests, rows_per_request, inputs["input_ids"].shape[1]))
         # the budget is the requests' own (capped to the context), never the parameters' requested one
         config = greedy_config(params.config) if seeded else copy.deepcopy(params.config)
         config.max_new_tokens = max(budgets)
@@ -162,8 +171,9 @@ class StaticEngine(EngineBase):
             rows_list = new_tokens.tolist()
         pad_id = config.pad_token_id
         eos_ids = set(token_id_list(config.eos_token_id))
-        if pad_id is not None and pad_id not in eos_ids:
-            # rows that finished early (stop strings, own budget) are padded up to the batch's end
+        if pad_id is not None and pad_id not in eos_ids and any(r.params.stop_strings for r in requests):
+            # rows that stopped on a stop string are padded up to the batch's end (rows past their own budget are
+            # cut to it below, rows past EOS by post-processing: a pad token a row really generated stays)
             rows_list = [_strip_trailing(row, pad_id) for row in rows_list]
         per = len(rows_list) // len(requests)
         outputs = [EngineOutput(sequences=[row[: r.max_new_tokens] for row in rows_list[i * per:(i + 1) * per]])
@@ -175,6 +185,17 @@ class StaticEngine(EngineBase):
                 engine_output.prompt_logprobs = prompt_logprobs(self.model, request.token_ids,
                                                                 request.params.prompt_logprobs, self.input_device)
         return outputs
+
+    def _media(self, requests: Sequence[Request], rows_per_request: int, width: int) -> dict[str, torch.Tensor]:
+        from ..vision import collate
+
+        loaded = [r.media.tensors() if r.media is not None else None for r in requests]
+        rows = [media for media in loaded for _ in range(rows_per_request)]
+        lengths = [len(r.token_ids) for r in requests for _ in range(rows_per_request)]
+        batch = collate(rows, lengths, width, self.model_type)
+        device, dtype = self.input_device, self.model.dtype
+        return {k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device))
+                if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     @staticmethod
     def _add_logprobs(requests: Sequence[Request], outputs: list[EngineOutput], logits: tuple[torch.Tensor, ...],
@@ -230,6 +251,12 @@ class StaticEngine(EngineBase):
         position = 0
         while position < len(group):
             batch = self._fitting(group[position: position + self.batch_size])
+            if not self.batches_images and len(batch) > 1 and any(r.media is not None for r in batch):
+                if not self._logged_single:
+                    logger.info("Image prompts of %s models run one at a time (batching them is not verified for "
+                                "this architecture).", self.model_type)
+                    self._logged_single = True
+                batch = batch[:1]
             try:
                 outputs = self.generate_batch(batch)
             except Exception as err:

@@ -17,6 +17,15 @@ Record keys that are generation parameters (``max_new_tokens``/``max_tokens``/``
 ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``/``stop_strings``, ``seed``,
 ``n``/``num_return_sequences``, ``do_sample``, ``repetition_penalty``: see
 :mod:`simple_generation.sampling_params`) go to ``params``; all other keys are carried unchanged in ``fields``.
+
+Images (see :mod:`simple_generation.images`): a record's ``image`` (one source) or ``images`` (a list; in a CSV
+cell a JSON list or one value) field becomes ``InputRecord.images``: paths, ``data:``/http(s) URLs, base64,
+bytes (a parquet binary column), ``{"bytes", "path"}`` objects (parquet image columns written by ``datasets``,
+``datasets.Image`` features, which are not decoded here). Chat messages may hold image parts (OpenAI
+``image_url`` with a URL, a ``data:`` URL or a path; or ``{"type": "image", "image": source}``). Relative
+paths are resolved against the input file's folder (stdin: the current directory). Images are only named
+here: a missing or undecodable file is found when its window is generated. The output record carries the
+image fields' paths and URLs as given, not bytes, image objects, ``data:`` URLs or base64.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +48,8 @@ from .records import (
     InputError,
     InputRecord,
     OpenAIRequest,
+    image_identity,
+    parse_images,
     prompt_text,
     split_params,
     validate_messages,
@@ -198,11 +210,14 @@ def _dataset_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
             raise InputError(f"{name}: a DatasetDict with splits {', '.join(splits)}; pass the folder of one "
                              f"split (e.g. {name}/{splits[0]}).")
         loaded = loaded[splits[0]]
-    for row, item in enumerate(loaded):
-        yield f"{name}:row {row}", item
+    row = 0  # arrow batches: the python rows without decoding media (an Image column gives {"bytes", "path"})
+    for batch in loaded.with_format("arrow").iter(batch_size=1024):
+        for item in batch.to_pylist():
+            yield f"{name}:row {row}", item
+            row += 1
 
 
-def _openai_record(index: int, raw: dict, where: str) -> InputRecord:
+def _openai_record(index: int, raw: dict, where: str, base: str | os.PathLike | None = None) -> InputRecord:
     body = raw["body"]
     url = raw.get("url", "/v1/chat/completions")
     request = OpenAIRequest(url=str(url), method=str(raw.get("method", "POST")), model=body.get("model"))
@@ -210,7 +225,7 @@ def _openai_record(index: int, raw: dict, where: str) -> InputRecord:
     if not isinstance(custom_id, str):
         raise InputError(f"{where}: custom_id must be a string, got {custom_id!r}.")
     if "messages" in body:
-        prompt: Any = validate_messages(body["messages"], where)
+        prompt: Any = validate_messages(body["messages"], where, base=base)
     elif "prompt" in body:
         prompt = body["prompt"]
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -246,12 +261,14 @@ def _is_openai(raw: Any) -> bool:
 
 
 def make_record(index: int, raw: Any, where: str, *, prompt_field: str | None = None,
-                messages_field: str | None = None, from_text: bool = False) -> InputRecord:
-    """One :class:`InputRecord` from a parsed row (a string for .txt, a dict otherwise)."""
+                messages_field: str | None = None, from_text: bool = False,
+                base: str | os.PathLike | None = None) -> InputRecord:
+    """One :class:`InputRecord` from a parsed row (a string for .txt, a dict otherwise); relative image paths
+    are resolved against ``base`` (the input file's folder; default: the current directory)."""
     if isinstance(raw, str) and not from_text:  # .txt line or a bare JSON string
         return InputRecord(index=index, prompt=raw, source=where)
     if _is_openai(raw):
-        return _openai_record(index, raw, where)
+        return _openai_record(index, raw, where, base)
     if not isinstance(raw, dict):
         raise InputError(f"{where}: record {index} is a {type(raw).__name__}; expected an object with a "
                          f"\"prompt\" field (or a string).")
@@ -274,16 +291,23 @@ def make_record(index: int, raw: Any, where: str, *, prompt_field: str | None = 
                 value = json.loads(value)
             except ValueError:
                 raise InputError(f"{where}: record {index}: field \"{key}\" is not a JSON message list.") from None
-        prompt: Any = validate_messages(value, f"{where}: record {index}")
+        prompt: Any = validate_messages(value, f"{where}: record {index}", base=base)
     elif isinstance(value, str):
         prompt = value
     else:
         raise InputError(f"{where}: record {index}: field \"{key}\" must be a string, got "
                          f"{type(value).__name__} {value!r:.60}.")
+    images, carried = parse_images({k: v for k, v in raw.items() if k != key}, f"{where}: record {index}",
+                                   base=base, from_text=from_text)
     params, fields = split_params(raw, f"{where}: record {index}", from_text=from_text, exclude=(key,))
+    for name, value in carried.items():  # the image field as carried: paths and URLs, not bytes or payloads
+        if value is None:
+            fields.pop(name, None)
+        elif name in fields:
+            fields[name] = value
     custom_id = fields.get("custom_id")
     return InputRecord(index=index, prompt=prompt, params=params, fields=fields,
-                       custom_id=custom_id if isinstance(custom_id, str) else None, source=where)
+                       custom_id=custom_id if isinstance(custom_id, str) else None, source=where, images=images)
 
 
 def _open_rows(path: str | Path, fmt: str, stdin: BinaryIO | None = None) -> tuple[Iterator[tuple[str, Any]], str]:
@@ -351,6 +375,15 @@ class _Chain(io.RawIOBase):
         super().close()
 
 
+def input_folder(path: str | Path) -> str | None:
+    """The folder relative image paths of ``path``'s records are resolved against: the file's folder (a
+    datasets folder: itself), None (the current directory) for stdin."""
+    if str(path) == "-":
+        return None
+    resolved = Path(path).resolve()
+    return str(resolved if resolved.is_dir() else resolved.parent)
+
+
 def read_records(
     path: str | Path,
     *,
@@ -373,6 +406,7 @@ def read_records(
     fmt = detect_format(path, input_format)
     rows, fmt = _open_rows(path, fmt, stdin)
     from_text = fmt == "csv"
+    base = input_folder(path)
     index = 0
     for where, raw in rows:
         if limit is not None and index >= limit:
@@ -384,7 +418,7 @@ def read_records(
                 record = InputRecord(index=index, prompt=raw, source=where)
             else:
                 record = make_record(index, raw, where, prompt_field=prompt_field, messages_field=messages_field,
-                                     from_text=from_text)
+                                     from_text=from_text, base=base)
         except InputError as err:
             if on_invalid is None:
                 raise
@@ -460,8 +494,10 @@ class ScanReport:
 
 
 def record_digest(record: InputRecord) -> bytes:
-    """A short digest of what makes two records the same request: the prompt and its parameters."""
-    text = json.dumps([record.prompt, record.params], sort_keys=True, ensure_ascii=False)
+    """A short digest of what makes two records the same request: the prompt, its parameters and its images
+    (by :func:`~.records.image_identity`: paths and URLs by name, bytes by content)."""
+    request = [record.prompt, record.params] + ([record.images] if record.images else [])
+    text = json.dumps(request, sort_keys=True, ensure_ascii=False, default=image_identity)
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 

@@ -4,16 +4,26 @@ An :class:`InputRecord` is one prompt read from a file: its position (``index``)
 a list of chat messages), its own generation parameters (``params``, by
 :class:`~simple_generation.sampling_params.SamplingParams` field names), every other field of the record
 (``fields``, carried unchanged into the output), an OpenAI Batch ``custom_id`` when there is one, and
-where it came from (``source``, ``"file:line"``) for error messages.
+where it came from (``source``, ``"file:line"``) for error messages, and its images (``images``: image
+sources, see :mod:`simple_generation.images`, from the record's ``image``/``images`` field; relative paths
+already resolved against the input file's folder).
+
+A chat prompt whose messages hold image parts keeps them: its ``content`` is then a list of parts,
+``{"type": "text", "text": str}`` and ``{"type": "image", "image": source}`` in their order (OpenAI
+``image_url`` parts are normalised to the latter), so that the formatter places each image where it was.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
+from ..images import image_kind, resolve_path
 from ..sampling_params import GENERATION_CONFIG_FIELDS, PER_PROMPT_KEYS, SamplingParams
 
 # Names of the output record's own columns; a carried field with one of these names is kept as `input_<name>`.
@@ -46,6 +56,138 @@ class InputRecord:
     custom_id: str | None = None
     source: str = ""
     openai: OpenAIRequest | None = None
+    images: list[Any] | None = None  # image sources (paths resolved), from the `image`/`images` field
+
+
+# ---------------------------------------------------------------------------------------------- images
+IMAGE_FIELDS = ("image", "images")
+IMAGE_PLACEHOLDER = "<image>"  # an image part in prompt_text
+IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+
+
+def _resolved(source: Any, base: str | os.PathLike | None) -> Any:
+    """A source with a relative path (or a path-only image dict) made absolute against ``base``."""
+    kind = image_kind(source)
+    if kind == "path":
+        return resolve_path(source, base)
+    if kind == "dict" and not source.get("bytes"):
+        return {"bytes": None, "path": resolve_path(source["path"], base)}
+    return source
+
+
+def _carried(source: Any) -> Any:
+    """What an output record keeps of a source: a path or an http(s) URL as given; None for the rest
+    (bytes, image dicts, data: URLs, base64 payloads, PIL images: they would bloat or break JSON)."""
+    return source if image_kind(source) in ("path", "remote") and isinstance(source, str) else None
+
+
+def _image_source(value: Any, where: str) -> Any:
+    if image_kind(value) is None:
+        if isinstance(value, dict):
+            problem = f"an image object needs a non-empty \"bytes\" or \"path\", got {value!r:.80}"
+        else:
+            problem = f"{type(value).__name__} {value!r:.60} is not an image (expected a path, a data:/http(s) URL, " \
+                      "base64, bytes or a {\"bytes\", \"path\"} object)"
+        raise InputError(f"{where}: {problem}.")
+    return value
+
+
+def parse_images(record: Mapping[str, Any], where: str, *, base: str | os.PathLike | None = None,
+                 from_text: bool = False) -> tuple[list[Any] | None, dict[str, Any]]:
+    """A record's images from its ``image`` (one source) or ``images`` (a list; from CSV text a JSON list, or
+    one value) field, and what its output record carries of them.
+
+    Returns ``(images, carried)``: the sources with relative paths resolved against ``base`` (default: the
+    current directory), or None when there is none (a missing, null, empty field, or an empty list); and
+    ``{field: value}`` for the field the images came from (empty without images), the value the output
+    record carries: paths and URLs as given, None in a list for a source that is not carried (bytes, image
+    dicts, data: URLs, base64); None (leave the field out) for a single such source or a list of only such
+    sources. Raises :class:`InputError` for a wrong type or both fields given.
+    """
+    present = {name: record[name] for name in IMAGE_FIELDS if name in record}
+    given = {name: value for name, value in present.items() if value is not None and not (
+        isinstance(value, (str, list, tuple)) and not (value.strip() if isinstance(value, str) else value))}
+    if len(given) > 1:
+        raise InputError(f"{where}: both \"image\" and \"images\" are given; put every image in \"images\".")
+    if not given:
+        return None, {}
+    name, value = next(iter(given.items()))
+    if from_text and name == "images" and isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InputError(f"{where}: field \"images\" starts with [ but is not a JSON list of image "
+                             "paths or URLs.") from None
+    if hasattr(value, "tolist") and not isinstance(value, (bytes, bytearray, memoryview)):  # a numpy array
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        sources = []
+        for number, item in enumerate(value):
+            if item is None:
+                raise InputError(f"{where}: field \"{name}\": image {number} is null.")
+            sources.append(_image_source(item, f"{where}: field \"{name}\", image {number}"))
+        if not sources:
+            return None, {}
+        carried_list = [_carried(source) for source in sources]
+        carried = {name: carried_list if any(item is not None for item in carried_list) else None}
+    else:
+        sources = [_image_source(value, f"{where}: field \"{name}\"")]
+        carried = {name: _carried(value)}
+    return [_resolved(source, base) for source in sources], carried
+
+
+def image_identity(source: Any) -> str:
+    """A short stable name for a source without decoding it: a path, URL or base64/data: payload by its text
+    (long ones hashed), bytes by their sha256, a PIL image by its pixels."""
+    kind = image_kind(source)
+    if kind == "pil":
+        from ..images import pixel_digest
+
+        return "pixels:" + pixel_digest(source)
+    if kind == "bytes":
+        return "bytes:" + hashlib.sha256(bytes(source)).hexdigest()
+    if kind == "dict":
+        return image_identity(source["bytes"]) if source.get("bytes") else image_identity(source["path"])
+    text = os.fspath(source) if kind == "path" else str(source)
+    return text if len(text) <= 256 else "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def prompt_images(prompt: str | list[dict[str, Any]] | None) -> list[Any]:
+    """The image sources of a prompt's image parts, in order (none for a string prompt)."""
+    if not isinstance(prompt, list):
+        return []
+    return [_part_source(part) for message in prompt if isinstance(message, dict)
+            and isinstance(message.get("content"), list) for part in message["content"]
+            if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES]
+
+
+def _part_source(part: dict[str, Any]) -> Any:
+    value = part.get("image") if part.get("type") == "image" else None
+    if value is None:
+        value = part.get("image_url")
+        value = value.get("url") if isinstance(value, dict) else value
+    return value
+
+
+def carried_prompt(prompt: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+    """A prompt as an output record gives it: image parts whose source is not carried (bytes, data: URLs,
+    base64, dicts, PIL images) become ``{"type": "image"}`` (a path or URL stays)."""
+    if not isinstance(prompt, list) or not any(isinstance(m, dict) and isinstance(m.get("content"), list)
+                                               for m in prompt):
+        return prompt
+    out = []
+    for message in prompt:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image" and _carried(part.get("image")) is None:
+                    parts.append({"type": "image"})
+                else:
+                    parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
 
 
 def split_params(record: Mapping[str, Any], where: str, *, from_text: bool = False,
@@ -90,7 +232,7 @@ def lone_surrogate(text: str) -> int | None:
 
 def prompt_problem(prompt: str | list[dict[str, Any]] | None) -> str | None:
     """Why a prompt cannot be generated from, found without a model (today: a lone surrogate), or None."""
-    texts = [prompt] if isinstance(prompt, str) else [m.get("content") for m in prompt or []]
+    texts = [prompt] if isinstance(prompt, str) else [_content_text(m.get("content")) for m in prompt or []]
     for number, text in enumerate(texts):
         position = lone_surrogate(text) if isinstance(text, str) else None
         if position is not None:
@@ -100,8 +242,46 @@ def prompt_problem(prompt: str | list[dict[str, Any]] | None) -> str | None:
     return None
 
 
-def validate_messages(messages: Any, where: str) -> list[dict[str, Any]]:
-    """A chat message list (``[{"role", "content"}, ...]``); OpenAI content parts of type text are joined."""
+def _content_text(content: Any) -> Any:
+    """A message's text: its content string, or its text parts joined (an image part adds nothing)."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content
+                       if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
+    return content
+
+
+def _content_parts(content: list[Any], where: str, base: str | os.PathLike | None) -> str | list[dict[str, Any]]:
+    """A content part list: the text parts joined into a string when there are only text parts (as before
+    images), else the parts in order, ``image_url`` (and Responses' ``input_image``) parts normalised to
+    ``{"type": "image", "image": ...}`` (``detail`` ignored) and relative paths resolved against ``base``."""
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+            continue
+        if kind in IMAGE_PART_TYPES:
+            value = part.get("image") if kind == "image" else None
+            if value is None and "image_url" in part:  # OpenAI: {"url": ...}, or the URL (Responses' input_image)
+                value = part["image_url"]
+                value = value.get("url") if isinstance(value, dict) else value
+            if kind != "image" and not isinstance(value, str):
+                raise InputError(f"{where}: an image_url part needs {{\"image_url\": {{\"url\": \"...\"}}}}, got "
+                                 f"{part!r:.120}.")
+            source = _image_source(value, f"{where}: image part")
+            parts.append({"type": "image", "image": _resolved(source, base)})
+            continue
+        raise InputError(f"{where}: only text and image content parts are supported, got {part!r:.120}.")
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+def validate_messages(messages: Any, where: str, *, base: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """A chat message list (``[{"role", "content"}, ...]``). OpenAI content parts of type text are joined into
+    one string; with image parts (``image_url``, or ``image`` with any image source) the content stays a part
+    list (see the module docstring), relative image paths resolved against ``base`` (default: the current
+    directory)."""
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: messages must be a non-empty list of {{\"role\", \"content\"}} objects, "
                          f"got {type(messages).__name__}.")
@@ -112,14 +292,8 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, Any]]:
                              f"got {message!r}.")
         content = message["content"]
         if isinstance(content, list):  # OpenAI content parts
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise InputError(f"{where}: message {position}: only text content parts are supported, "
-                                     f"got {part!r}.")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
+            content = _content_parts(content, f"{where}: message {position}", base)
+        if not isinstance(content, (str, list)):
             raise InputError(f"{where}: message {position}: \"content\" must be a string, got {content!r}.")
         if message["role"] not in ("system", "user", "assistant", "developer"):
             raise InputError(f"{where}: message {position}: unknown role {message['role']!r}.")
@@ -129,12 +303,21 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, Any]]:
 
 
 def prompt_text(prompt: str | list[dict[str, Any]] | None) -> str:
-    """A prompt as one string (messages as ``role: content`` lines), for hashing and near-dedup."""
+    """A prompt as one string (messages as ``role: content`` lines), for hashing and near-dedup; an image part
+    is ``<image>`` (the images themselves are not text)."""
     if prompt is None:
         return ""
     if isinstance(prompt, str):
         return prompt
-    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
+    return "\n".join(f"{m.get('role')}: {_part_text(m.get('content'))}" for m in prompt)
+
+
+def _part_text(content: Any) -> Any:
+    if not isinstance(content, list):
+        return content
+    return "".join(part.get("text", "") if isinstance(part, dict) and part.get("type") == "text" else
+                   IMAGE_PLACEHOLDER if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES else ""
+                   for part in content)
 
 
 def _get(result: Any, name: str, default: Any = None) -> Any:
@@ -164,6 +347,10 @@ def output_record(record: InputRecord, result: Any = None, *, duplicate_of: int 
 
     ``result`` is a ``GenerationResult`` (or a mapping with some of its names, e.g. ``{"error": ...}``); None
     with ``duplicate_of``.
+
+    Images: the ``image``/``images`` fields are carried as :func:`parse_images` left them in ``fields`` (paths
+    and URLs as given, not bytes, image dicts, data: URLs or base64); in a chat prompt, an image part whose
+    source is not a path or URL becomes ``{"type": "image"}`` (see :func:`carried_prompt`).
     """
     out: dict[str, Any] = {}
     for key, value in record.fields.items():
@@ -171,7 +358,7 @@ def output_record(record: InputRecord, result: Any = None, *, duplicate_of: int 
     if record.custom_id is not None and "custom_id" not in out:
         out["custom_id"] = record.custom_id
     out["index"] = record.index
-    out["prompt"] = record.prompt
+    out["prompt"] = carried_prompt(record.prompt)
     if result is None:
         out.update(answer=None, **({"reasoning": None} if reasoning else {}), finish_reason=None, prompt_tokens=None,
                    completion_tokens=None, error=None)
