@@ -68,16 +68,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(gen, tmp_path_factory):
+def _serve(generator, cache_dir):
+    """The app of ``generator`` on a free local port: yields its address, closes it after."""
     pytest.importorskip("gradio")
     from simple_generation.app import build_app
 
-    demo = build_app(gen, cache_dir=tmp_path_factory.mktemp("app-cache"), max_upload_mb=UPLOAD_LIMIT_MB)
+    demo = build_app(generator, cache_dir=cache_dir, max_upload_mb=UPLOAD_LIMIT_MB)
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def server(gen, tmp_path_factory):
+    yield from _serve(gen, tmp_path_factory.mktemp("app-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -650,14 +655,7 @@ def test_batch_zip_with_images_runs_each_record_and_refuses_unsafe_entries(vlm_g
 
 @pytest.fixture(scope="module")
 def vlm_server(vlm_gen, tmp_path_factory):
-    pytest.importorskip("gradio")
-    from simple_generation.app import build_app
-
-    demo = build_app(vlm_gen, cache_dir=tmp_path_factory.mktemp("app-vlm-cache"), max_upload_mb=UPLOAD_LIMIT_MB)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    yield from _serve(vlm_gen, tmp_path_factory.mktemp("app-vlm-cache"))
 
 
 @pytest.mark.slow
