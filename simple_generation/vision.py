@@ -134,6 +134,8 @@ class PromptMedia:
     count: int
     tensors: Callable[[], dict[str, Any]]
     images: Callable[[], list[Any]]
+    # the prompt's tokens before the processor expands its image placeholders (engines that expand them: vLLM)
+    placeholder_ids: list[int] | None = None
 
 
 @dataclass
@@ -190,6 +192,12 @@ class VisionInputs:
         with _quiet_transformers():  # processors warn per call (PaliGemma: "inferring image tokens")
             return dict(self.processor(text=[text], images=nested if images else None, **options))
 
+    def _placeholder_ids(self, text: str) -> list[int]:
+        """``text``'s tokens as the processor's tokenizer makes them, before any image placeholder is expanded."""
+        tokenizer = self.processor.tokenizer
+        bos = getattr(tokenizer, "bos_token", None)
+        return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
     def process(self, text: str, sources: Sequence[Any], where: str) -> ProcessedPrompt:
         """Decode ``sources``, run the processor on (text, images) for this one prompt; ImageError/ValueError
         naming ``where`` when an image is missing or bad, or the processor refuses the pair."""
@@ -213,7 +221,8 @@ class VisionInputs:
                 raise ImageError(f"{where}: the processor gave other tokens for the same prompt and images.")
             return {k: v for k, v in extras.items() if k not in ("input_ids", "attention_mask")}
 
-        return ProcessedPrompt(token_ids, digests, PromptMedia(len(digests), tensors, images_again))
+        return ProcessedPrompt(token_ids, digests, PromptMedia(len(digests), tensors, images_again,
+                                                               self._placeholder_ids(text)))
 
     def _checked_run(self, text: str, images: list[Any], where: str) -> dict[str, Any]:
         try:

@@ -29,6 +29,10 @@ environment: ``scripts/engine-env.sh vllm``). What we set on the CPU, and why (a
   ``stats.prompt_tokens`` / ``stats.prefix_cached_tokens`` count each request's prompt and the part of it read
   from the cache (``RequestOutput.num_cached_tokens``), per call (``gen.last_run``).
 
+Images (image-text-to-text models): a request's decoded images go with it as ``multi_modal_data``, with the prompt's
+tokens before the HF processor expanded its image placeholders (``PromptMedia.placeholder_ids``): vLLM 0.32 expands
+them itself. A prompt vLLM expands otherwise than HF is that request's error (:meth:`VLLMEngine._expansion_problem`).
+
 dtype: the user's ``dtype``/``torch_dtype`` if given, else the checkpoint's own (as the HF engines do);
 vLLM's ``"auto"`` would run fp32 checkpoints in 16-bit. In fp32, greedy answers equal HF's unbatched
 ``generate`` on the tiny Llama of the tests; bf16 is vLLM's fast CPU path (answers differ from fp32's).
@@ -162,6 +166,7 @@ class VLLMEngine(EngineBase):
     needs_hf_model = False
     unsupported_settings = _UNSUPPORTED_FIELDS
     supports_beam_search = True  # feature: beam search: LLM.beam_search, where its semantics are HF's (below)
+    supports_images = True  # feature: images: vLLM's own multimodal processing of each request's decoded images
 
     @classmethod
     def unsupported_params(cls, params) -> str | None:
@@ -187,12 +192,14 @@ class VLLMEngine(EngineBase):
         if unknown:
             raise TypeError(f"Unknown vLLM engine arguments: {sorted(unknown)}")
         return cls(context.model_name_or_path, config=context.config, model_kwargs=context.model_kwargs,
-                   lora_weights=context.lora_weights, device=context.device, **context.engine_kwargs)
+                   lora_weights=context.lora_weights, device=context.device, images=context.is_vision,
+                   **context.engine_kwargs)
 
     def __init__(self, model_name_or_path: str, *, config=None, model_kwargs: dict | None = None,
                  lora_weights: str | None = None, device: str | None = None, vllm_in_process: bool | None = None,
-                 prefix_cache: bool | None = None, **engine_args: Any):
+                 prefix_cache: bool | None = None, images: bool = False, **engine_args: Any):
         self.stats = EngineStats()
+        self.images = images  # an image-text model: requests may carry images
         prefix_cache = _prefix_cache_choice(prefix_cache, engine_args.pop("enable_prefix_caching", None))
         self.config = config
         model_kwargs = dict(model_kwargs or {})
@@ -215,6 +222,8 @@ class VLLMEngine(EngineBase):
             args["enable_lora"] = True
             rank = json.loads((Path(lora_weights) / "adapter_config.json").read_text()).get("r", 16)
             args["max_lora_rank"] = max(8, int(rank))
+        if images:  # vLLM's multimodal processors need its tokenizer (they refuse to start without it)
+            args["skip_tokenizer_init"] = False
         args.update(engine_args)
         args["enable_prefix_caching"] = prefix_cache
         self.engine_args = args
@@ -305,6 +314,14 @@ class VLLMEngine(EngineBase):
     def run(self, requests: Sequence[Request], *, isolate_errors: bool = False
             ) -> Iterator[tuple[Request, EngineOutput]]:
         beams = [request for request in requests if request.params.num_beams > 1]  # feature: beam search
+        with_images = [request for request in beams if request.media is not None]
+        if with_images:  # feature: images: the beam steps here are text-only requests
+            problem = "the vllm engine runs beam search on text prompts only: use engine='static' for images"
+            if not isolate_errors:
+                raise ValueError(problem)
+            for request in with_images:
+                yield request, EngineOutput(error=problem)
+            beams = [request for request in beams if request.media is None]
         if beams:
             yield from self._run_beams(beams, isolate_errors)
             requests = [request for request in requests if request.params.num_beams == 1]
@@ -315,16 +332,23 @@ class VLLMEngine(EngineBase):
         engine = self.llm.llm_engine
         by_id: dict[str, Request] = {}
         window = max(1, 4 * int(self.engine_args.get("max_num_seqs") or 256))
-        pending = list(requests)[::-1]
+        # feature: images: a request holds its decoded images (and vLLM its pixel tensors) from the moment it is
+        # added: requests with images are added only while fewer than the scheduler's batch of them are in flight
+        scheduler = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+        image_window = max(1, int(getattr(scheduler, "max_num_seqs", None) or 256))
+        with_media: set[str] = set()
+        pending = [request for request in requests if request.params.num_beams == 1][::-1]
         while pending or by_id:
-            while pending and len(by_id) < window:
+            while pending and len(by_id) < window and (pending[-1].media is None or len(with_media) < image_window):
                 request = pending.pop()
                 key = f"sg-{request.id}-{id(request)}"
                 try:
                     if not request.token_ids:
                         raise ValueError(f"request {request.id}: no prompt tokens")
-                    engine.add_request(key, {"prompt_token_ids": list(request.token_ids)},
-                                       self.sampling_params(request), lora_request=self.lora_request)
+                    engine.add_request(key, self._prompt(request), self.sampling_params(request),
+                                       lora_request=self.lora_request)
+                    if request.media is not None:
+                        with_media.add(key)
                 except Exception as error:
                     if not isolate_errors:
                         self._abort(by_id)
@@ -343,6 +367,7 @@ class VLLMEngine(EngineBase):
                 for request in by_id.values():
                     yield request, EngineOutput(error=f"vLLM engine step failed: {type(error).__name__}: {error}")
                 by_id.clear()
+                with_media.clear()
                 continue
             self.stats.batches += 1
             self.stats.batch_size = max(self.stats.batch_size, len(by_id))
@@ -351,6 +376,15 @@ class VLLMEngine(EngineBase):
                     continue
                 request = by_id.pop(output.request_id)
                 self._count_prompt(output, request.token_ids)
+                if output.request_id in with_media:
+                    with_media.discard(output.request_id)
+                    problem = self._expansion_problem(request, output)
+                    if problem is not None:
+                        if not isolate_errors:
+                            self._abort(by_id)
+                            raise ValueError(problem)
+                        yield request, EngineOutput(error=problem)
+                        continue
                 completions = sorted(output.outputs, key=lambda c: c.index)
                 sequences = [list(c.token_ids) for c in completions]
                 reasons = [c.finish_reason if c.finish_reason in ("stop", "length") else None for c in completions]
@@ -362,6 +396,27 @@ class VLLMEngine(EngineBase):
                     result.prompt_logprobs = _raw_logprobs(list(output.prompt_logprobs or [None])[1:],
                                                            request.token_ids[1:], request.params.prompt_logprobs)
                 yield request, result
+
+    # feature: images ----------------------------------------------------------------------------------------
+    def _prompt(self, request: Request) -> dict[str, Any]:
+        """vLLM's prompt for a request: its token ids, or for a prompt with images its tokens before the HF processor
+        expanded them (vLLM expands them itself) and the images, decoded now."""
+        if request.media is None:
+            return {"prompt_token_ids": list(request.token_ids)}
+        if not self.images:
+            raise ValueError(f"request {request.id} has images, and this vLLM engine was started for a text model")
+        return {"prompt_token_ids": list(request.media.placeholder_ids),
+                "multi_modal_data": {"image": list(request.media.images())}}
+
+    @staticmethod
+    def _expansion_problem(request: Request, output) -> str | None:
+        """Why a finished image request's answer cannot be trusted: vLLM's own processor expanded its image
+        placeholders into other tokens than the HF processor did (the prompt the answer was computed from)."""
+        prompt = getattr(output, "prompt_token_ids", None)
+        if prompt is None or list(prompt) == list(request.token_ids):
+            return None
+        return (f"vLLM expanded this prompt's image placeholders into {len(prompt)} tokens, the HF processor into "
+                f"{len(request.token_ids)} (other tokens): its answer would not be the model's; use engine='static'")
 
     # feature: beam search ------------------------------------------------------------------------------
     def _run_beams(self, requests: Sequence[Request], isolate_errors: bool
