@@ -437,3 +437,122 @@ def test_prefix_cache_with_prompts_that_begin_other_prompts_mid_block(engine_fac
             outputs = run_all(engine, requests)
             for i in ids:
                 assert trim_eos(outputs[i].sequences[0], eos) == expected[i], (calls, i)
+
+
+# feature: images (issue 24) ------------------------------------------------------------------------------------
+# The tiny LLaVA of tests/vlm_models.py, built here with this venv's transformers (optimum-intel pins its own: a
+# checkpoint saved by another transformers may not load its vision tower's weights here).
+
+IMAGE_PROMPTS = ["Describe the image.", "What color is the sky?", "Tell me what is two plus two?",
+                 "Caption this photo.", "What is in this picture?"]
+
+
+@pytest.fixture(scope="module")
+def ov_vlm(tmp_path_factory):
+    from .vlm_models import build_vlm
+
+    root = tmp_path_factory.mktemp("ov-vlm")
+    return lambda kind: build_vlm(kind, root / kind)
+
+
+@pytest.fixture(scope="module")
+def llava_generator(ov_vlm, ov_cache):
+    from simple_generation import SimpleGenerator
+
+    return SimpleGenerator(ov_vlm("llava"), engine="openvino", ov_cache_dir=ov_cache, track_emissions=False)
+
+
+def test_images_greedy_f32_equal_hf_unbatched(llava_generator, tmp_path):
+    """engine="openvino" on LLaVA (f32, greedy): one call mixing one image, two images of other sizes, no image,
+    an RGBA image and a missing file answers token for token as HF's unbatched generate; the missing image is that
+    prompt's error; the store answers the rerun; a prompt of one image with a 32-token block of text after it, run
+    again with another image, answers for its own image (no prefix-cache reuse across images); beam search and
+    sampling run."""
+    from .vlm_models import chat_text, hf_reference, load, make_image
+
+    gen = llava_generator
+    path = gen.model_name_or_path
+    images = [make_image(1, (48, 40)), [make_image(2, (100, 60)), make_image(3, (20, 80))], None,
+              [make_image(4, (64, 64), mode="RGBA")], "missing.png"]
+    call = dict(max_new_tokens=12, temperature=0, skip_prompt=True, show_progress_bar=False, on_error="record",
+                store=str(tmp_path / "answers.sqlite"))
+    first = gen.generate(IMAGE_PROMPTS, images=images, **call)
+    assert gen.last_run.engine == "openvino"
+    for prompt, found, result in zip(IMAGE_PROMPTS[:4], images[:4], first[:4]):
+        found = [] if found is None else found if isinstance(found, list) else [found]
+        text = chat_text(path, prompt, len(found)) if found else prompt
+        assert result.error is None and not result.cached
+        assert result.outputs[0].token_ids == hf_reference(path, text, found, 12), prompt
+    assert first[4].error.startswith("texts[4], image 0") and "missing.png" in first[4].error
+    again = gen.generate(IMAGE_PROMPTS, images=images, **call)
+    assert [(r.outputs[0].token_ids, r.cached) for r in again[:4]] == [(r.outputs[0].token_ids, True)
+                                                                       for r in first[:4]]
+
+    long_prompt = "Describe the image. " * 8
+    text = chat_text(path, long_prompt, 1)
+    for seed in (7, 8, 7):
+        image = make_image(seed, (48, 40))
+        [result] = gen.generate([long_prompt], images=[image], max_new_tokens=12, temperature=0, skip_prompt=True,
+                                show_progress_bar=False)
+        assert result.outputs[0].token_ids == hf_reference(path, text, [image], 12), seed
+
+    image = make_image(9, (48, 40))
+    [beams] = gen.generate([IMAGE_PROMPTS[0]], images=[image], max_new_tokens=6, temperature=0, num_beams=2,
+                           skip_prompt=True, show_progress_bar=False)
+    model, processor = load(path)
+    text = chat_text(path, IMAGE_PROMPTS[0], 1)
+    inputs = processor(text=text, images=[image], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**inputs, do_sample=False, num_beams=2, max_new_tokens=6)
+    assert beams.outputs[0].token_ids == expected[0, inputs["input_ids"].shape[1]:].tolist()
+    [sampled] = gen.generate([IMAGE_PROMPTS[0]], images=[image], max_new_tokens=6, temperature=0.8,
+                             num_return_sequences=3, seed=1, skip_prompt=True, show_progress_bar=False)
+    assert len(sampled.outputs) == 3 and all(1 <= len(o.token_ids) <= 6 for o in sampled.outputs)
+
+
+def test_image_requests_openvino_would_read_otherwise_are_refused(llava_generator, tmp_path, monkeypatch):
+    """The engine decodes a request's images when it adds it: a file gone since the call was planned is that
+    request's error. A prompt OpenVINO GenAI would read as other tokens than the HF processor made (its LLaVA
+    expansion writes "\\n" after each image: a hand-formatted "<image> What" has none; HF ids with one image token
+    more) is refused, never answered; the other requests still get HF's answers."""
+    from .vlm_models import hf_reference, make_image
+
+    gen = llava_generator
+    path = gen.model_name_or_path
+    monkeypatch.chdir(tmp_path)
+    make_image(5).save("late.png")
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}
+    text = gen.vision.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+    late, kept = (gen.vision.process(text, [source], f"texts[{i}]") for i, source in enumerate(["late.png",
+                                                                                                 make_image(6)]))
+    no_newline = "USER: <image> What is in this picture? ASSISTANT:"
+    inline = gen.vision.process(no_newline, [make_image(6)], "texts[2]")
+    image_id = gen.config.image_token_id
+    skewed = kept.token_ids[:kept.token_ids.index(image_id)] + [image_id] + kept.token_ids[kept.token_ids.index(
+        image_id):]
+    params = make_params(do_sample=False, max_new_tokens=12, eos_token_id=gen.tokenizer.eos_token_id)
+    requests = [Request(id=i, token_ids=ids, params=params, max_new_tokens=12, media=prompt.media)
+                for i, (ids, prompt) in enumerate([(late.token_ids, late), (kept.token_ids, kept),
+                                                   (inline.token_ids, inline), (skewed, kept)])]
+    import os
+
+    os.remove("late.png")
+    outputs = run_all(gen.engine, requests, isolate_errors=True)
+    assert "late.png" in outputs[0].error and not outputs[0].sequences
+    assert outputs[1].error is None
+    assert outputs[1].sequences[0][:12] == hf_reference(path, text, [make_image(6)], 12)
+    for i in (2, 3):
+        assert "OpenVINO GenAI would read this prompt as" in outputs[i].error and not outputs[i].sequences
+    with pytest.raises(ValueError, match="OpenVINO GenAI would read"):
+        run_all(gen.engine, requests[2:3])
+
+
+def test_image_models_other_than_llava_are_refused_at_start(ov_vlm, ov_cache):
+    """Only LLaVA's prompts were checked to be read by OpenVINO GenAI as HF's: an Idefics3 config is refused before
+    any export (the checkpoint is never read)."""
+    from transformers import Idefics3Config
+
+    context = EngineContext(model_name_or_path=ov_vlm("llava"), tokenizer=None, config=Idefics3Config(),
+                            is_encoder_decoder=False, engine_kwargs={"ov_cache_dir": ov_cache}, is_vision=True)
+    with pytest.raises(ValueError, match="image-text models of type \\['llava'\\] only, not 'idefics3'"):
+        engine_class("openvino").create(context)

@@ -23,6 +23,14 @@ prompts' blocks for reuse: with the default growing cache (``cache_size=0``) the
 Sampling draws from OpenVINO's generator seeded with ``request.seed`` (``rng_seed``): reproducible for a
 given engine and prompt, but not the same draws as the HF engines' seeded sampler.
 
+Images (image-text-to-text models; LLaVA only, ``_IMAGE_PROMPTS``): the checkpoint is exported for OpenVINO GenAI's
+VLM pipeline (``task="image-text-to-text"``, with its converted tokenizer), and every request of such a model, with
+images or without, goes in as text plus decoded images (that pipeline takes no token ids): the text is the request's
+tokens before the HF processor expanded its image placeholders, decoded, and OpenVINO GenAI preprocesses the images
+and expands the placeholders itself. Before a request is added, the tokens OpenVINO GenAI will read are computed
+(its expansion, its tokenizer) and must equal the HF processor's; otherwise the request is refused (its error),
+never answered from another prompt (:meth:`OpenVINOEngine._vision_prompt`).
+
 Needs the ``openvino``, ``openvino-genai`` and ``optimum-intel`` packages (``scripts/engine-env.sh
 openvino`` makes a separate environment with them; optimum-intel pins its own transformers).
 """
@@ -65,6 +73,10 @@ _PRECISIONS = {"f32", "bf16", "f16"}
 # OpenVINO GenAI's KV block on CPUs: shared beginnings are computed ahead in whole blocks of it
 _BLOCK_TOKENS = 32
 _WEIGHT_FORMATS = {"fp32", "fp16", "int8", "int4"}
+# feature: images: the model types whose prompts OpenVINO GenAI (2026.4) was checked to read as the HF processor's
+# tokens, each with (its image tag, what it writes after each image's expanded tag): for LLaVA it replaces each
+# "<image>" by as many "<image>" as the vision encoder gives features, then "\n" (llava/classes.cpp, normalize_prompt)
+_IMAGE_PROMPTS = {"llava": ("<image>", "\n")}
 # GenerationConfig fields that change answers and that OpenVINO's sampler has no equivalent for
 _UNSUPPORTED_FIELDS = {
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "bad_words_ids": None, "force_words_ids": None,
@@ -140,21 +152,27 @@ def _merged_lora_checkpoint(base: str, adapter: str, model_kwargs: dict, into: P
 
 
 def export_ir(path_or_id: str, *, weight_format: str = "fp32", cache_dir: str | os.PathLike | None = None,
-              model_kwargs: dict | None = None, lora_weights: str | None = None) -> Path:
+              model_kwargs: dict | None = None, lora_weights: str | None = None, vision: bool = False) -> Path:
     """The IR folder for this checkpoint and settings, exported with optimum-intel on first use.
+
+    ``vision``: an image-text-to-text checkpoint, exported for OpenVINO GenAI's VLM pipeline (language model, text
+    embeddings, vision embeddings, converted tokenizer, the image processor's settings in
+    ``preprocessor_config.json`` where OpenVINO GenAI reads them).
 
     Exports into a temporary folder beside the cache entry and renames it into place, so concurrent
     processes (``accelerate launch``) never read a half-written model.
     """
     model_kwargs = {k: v for k, v in (model_kwargs or {}).items() if k in ("revision", "trust_remote_code", "token")}
     settings = {"weight_format": weight_format, "lora": None, **_versions(),
+                **({"task": "image-text-to-text"} if vision else {}),
                 "kwargs": {k: v for k, v in model_kwargs.items() if k != "token"}}
     if lora_weights:
         settings["lora"] = checkpoint_fingerprint(lora_weights)
     key = checkpoint_fingerprint(path_or_id, revision=model_kwargs.get("revision"), extra=settings)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     target = root / f"{Path(path_or_id).name or 'model'}-{key}"
-    if (target / "openvino_model.xml").is_file():
+    marker = "openvino_language_model.xml" if vision else "openvino_model.xml"
+    if (target / marker).is_file():
         logger.info("OpenVINO: using the exported model in %s", target)
         return target
     if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.intel") is None:
@@ -172,22 +190,40 @@ def export_ir(path_or_id: str, *, weight_format: str = "fp32", cache_dir: str | 
     with tempfile.TemporaryDirectory(dir=root, prefix=".export-") as tmp:
         source = path_or_id
         if lora_weights:
+            if vision:
+                raise ValueError("The openvino engine does not merge LoRA adapters into image-text models.")
             source = _merged_lora_checkpoint(path_or_id, lora_weights, model_kwargs, Path(tmp) / "merged")
             model_kwargs = {"trust_remote_code": model_kwargs.get("trust_remote_code", False)}
         out = Path(tmp) / "ir"
-        main_export(model_name_or_path=source, output=out, task="text-generation-with-past", ov_config=ov_config,
-                    convert_tokenizer=False, **model_kwargs)
+        main_export(model_name_or_path=source, output=out,
+                    task="image-text-to-text" if vision else "text-generation-with-past", ov_config=ov_config,
+                    convert_tokenizer=vision, **model_kwargs)
+        if vision:
+            _write_preprocessor_config(out)
         (out / "simple_generation_export.json").write_text(json.dumps(
             {"source": path_or_id, "lora_weights": lora_weights, **settings}, indent=1, default=str))
         try:
             os.replace(out, target)
         except OSError:
-            if not (target / "openvino_model.xml").is_file():  # not another process winning the race
+            if not (target / marker).is_file():  # not another process winning the race
                 shutil.rmtree(target, ignore_errors=True)
                 os.replace(out, target)
     logger.info("OpenVINO: exported %s (%s weights) to %s in %.1f s", path_or_id, weight_format, target,
                 time.perf_counter() - started)
     return target
+
+
+def _write_preprocessor_config(folder: Path) -> None:
+    """``preprocessor_config.json`` (what OpenVINO GenAI reads the image size, crop and normalization from) from
+    ``processor_config.json``'s image processor, where the checkpoint has only the latter (transformers 5 writes
+    one file for the whole processor): without it OpenVINO GenAI uses its defaults (336 px) for this model."""
+    target = folder / "preprocessor_config.json"
+    source = folder / "processor_config.json"
+    if target.is_file() or not source.is_file():
+        return
+    image_processor = json.loads(source.read_text()).get("image_processor")
+    if isinstance(image_processor, dict):
+        target.write_text(json.dumps(image_processor, indent=1))
 
 
 class OpenVINOEngine(EngineBase):
@@ -198,6 +234,9 @@ class OpenVINOEngine(EngineBase):
     unsupported_settings = _UNSUPPORTED_FIELDS
     engine_kwargs = ENGINE_KWARGS
     supports_beam_search = True  # feature: beam search: OpenVINO GenAI's own (GenerationConfig.num_beams)
+    # feature: images: OpenVINO GenAI's VLM pipeline (its own image preprocessing and placeholder expansion), for the
+    # model types of _IMAGE_PROMPTS; other image-text models are refused when the engine starts
+    supports_images = True
 
     @classmethod
     def unsupported_params(cls, params) -> str | None:
@@ -231,16 +270,25 @@ class OpenVINOEngine(EngineBase):
         if unknown:
             raise TypeError(f"Unknown OpenVINO engine arguments: {sorted(unknown)}")
         return cls(context.model_name_or_path, tokenizer=context.tokenizer, config=context.config,
-                   model_kwargs=context.model_kwargs, lora_weights=context.lora_weights, **context.engine_kwargs)
+                   model_kwargs=context.model_kwargs, lora_weights=context.lora_weights,
+                   vision=context.is_vision, **context.engine_kwargs)
 
     def __init__(self, model_name_or_path: str, *, tokenizer=None, config=None, model_kwargs: dict | None = None,
                  lora_weights: str | None = None, inference_precision: str | None = "f32",
                  kv_cache_precision: str | None = None, weight_format: str = "fp32",
                  ov_cache_dir: str | os.PathLike | None = None, ov_config: dict | None = None,
                  num_threads: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 cache_size: int = 0, ov_device: str = "CPU", prefix_cache: bool = True):
+                 cache_size: int = 0, ov_device: str = "CPU", prefix_cache: bool = True, vision: bool = False):
         import openvino_genai
 
+        self.vision = bool(vision)
+        model_type = getattr(config, "model_type", None)
+        if self.vision and model_type not in _IMAGE_PROMPTS:
+            raise ValueError(
+                f"The openvino engine runs image-text models of type {sorted(_IMAGE_PROMPTS)} only, not "
+                f"{model_type!r}: OpenVINO GenAI preprocesses images and expands their placeholders its own way for "
+                "each architecture, and only these were checked to give the HF processor's tokens. Use "
+                "engine='static' (or 'vllm').")
         self._genai = openvino_genai
         model_kwargs = dict(model_kwargs or {})
         dtype = _dtype_name(model_kwargs.pop("dtype", None) or model_kwargs.pop("torch_dtype", None))
@@ -262,7 +310,7 @@ class OpenVINOEngine(EngineBase):
         self.stats = EngineStats()
         started = time.perf_counter()
         self.model_dir = export_ir(model_name_or_path, weight_format=weight_format, cache_dir=ov_cache_dir,
-                                   model_kwargs=model_kwargs, lora_weights=lora_weights)
+                                   model_kwargs=model_kwargs, lora_weights=lora_weights, vision=self.vision)
         self.export_seconds = time.perf_counter() - started
         properties: dict[str, Any] = {}
         if inference_precision is not None:
@@ -282,8 +330,14 @@ class OpenVINOEngine(EngineBase):
         self.max_num_seqs = int(max_num_seqs)
         self.chunk_size = 2 * self.max_num_seqs
         started = time.perf_counter()
-        self.pipeline = openvino_genai.ContinuousBatchingPipeline(str(self.model_dir), scheduler, ov_device,
-                                                                  properties)
+        if self.vision:  # feature: images: the vision encoder computes in the same precision as the language model
+            vision_properties = {k: v for k, v in properties.items() if k != "KV_CACHE_PRECISION"}
+            self.pipeline = openvino_genai.ContinuousBatchingPipeline(str(self.model_dir), scheduler, ov_device,
+                                                                      properties, {}, vision_properties)
+            self._init_vision(model_type)
+        else:
+            self.pipeline = openvino_genai.ContinuousBatchingPipeline(str(self.model_dir), scheduler, ov_device,
+                                                                      properties)
         self.load_seconds = time.perf_counter() - started
         logger.info("OpenVINO: pipeline on %s with %s in %.1f s", ov_device, properties, self.load_seconds)
 
@@ -381,6 +435,9 @@ class OpenVINOEngine(EngineBase):
         requests = list(requests)
         if any(r.params.constraint is not None for r in requests) and self.structured_output_problem():
             raise ValueError(f"The openvino engine cannot run structured output: {self.structured_output_problem()}.")
+        if self.vision:  # feature: images: this pipeline takes text and images, never token ids
+            yield from self._run_vision(requests, isolate_errors)
+            return
         if self.prefix_caching and len(requests) > 1:
             self._warm_prefix_cache(requests)
         for start in range(0, len(requests), self.chunk_size):
@@ -447,6 +504,117 @@ class OpenVINOEngine(EngineBase):
                 yield request, self._output(result)
             except Exception as own_error:
                 yield request, EngineOutput(error=f"{type(own_error).__name__}: {own_error}")
+
+
+    # feature: images ----------------------------------------------------------------------------------------
+    def _init_vision(self, model_type: str) -> None:
+        """What checking an image request needs: the image tag and what OpenVINO GenAI writes after each expanded
+        tag, how many tokens it expands a tag into (the vision encoder's features an image, a static dimension of
+        the exported model), its tokenizer and whether that tokenizer adds a BOS token."""
+        import openvino
+
+        self.image_tag, self.after_image = _IMAGE_PROMPTS[model_type]
+        encoder = openvino.Core().read_model(str(self.model_dir / "openvino_vision_embeddings_model.xml"))
+        features = encoder.outputs[0].get_partial_shape()
+        if features.rank.is_dynamic or features.rank.get_length() != 3 or features[1].is_dynamic:
+            raise ValueError(f"The openvino engine cannot tell how many tokens this model's images take (its exported "
+                             f"vision encoder gives features of shape {features}); use engine='static'.")
+        self.image_tokens = features[1].get_length()
+        self.ov_tokenizer = self.pipeline.get_tokenizer()
+        bos = self.ov_tokenizer.get_bos_token_id()
+        probe = self.ov_tokenizer.encode("a").input_ids.data[0].tolist()
+        self.adds_bos = bos >= 0 and bool(probe) and probe[0] == bos
+        self.bos_token_id = bos
+        self._handle_ids = 0
+
+    def _vision_prompt(self, request: Request) -> tuple[str, list]:
+        """OpenVINO GenAI's input for a request of an image-text model: (text, images as uint8 [1, H, W, 3] tensors).
+
+        The text is the request's tokens before the HF processor expanded its image placeholders, decoded (less the
+        BOS that OpenVINO's tokenizer adds again), less what OpenVINO GenAI writes after each image itself. The tokens
+        OpenVINO GenAI will make of it (each tag expanded as it does, its tokenizer) must equal ``request.token_ids``
+        (the HF processor's): ValueError otherwise, as the answer would be to another prompt. The images are decoded
+        here, when the request is added (an ImageError when one is gone or changed)."""
+        import numpy as np
+        import openvino
+
+        count = request.media.count if request.media is not None else 0
+        ids = list(request.media.placeholder_ids) if count else list(request.token_ids)
+        if not ids:
+            raise ValueError(f"request {request.id}: no prompt tokens")
+        if self.adds_bos and ids[0] == self.bos_token_id:
+            ids = ids[1:]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if count:
+            text = text.replace(self.image_tag + self.after_image, self.image_tag)
+            read = text.replace(self.image_tag, self.image_tag * self.image_tokens + self.after_image)
+        else:
+            read = text
+        tokens = self.ov_tokenizer.encode(read).input_ids.data[0].tolist()
+        if tokens != list(request.token_ids) or text.count(self.image_tag) != count:
+            raise ValueError(
+                f"OpenVINO GenAI would read this prompt as {len(tokens)} tokens, the HF processor made "
+                f"{len(request.token_ids)} (other tokens): its answer would not be the model's; use engine='static'")
+        if not count:
+            return text, []
+        from transformers.image_transforms import convert_to_rgb
+
+        images = [openvino.Tensor(np.ascontiguousarray(np.asarray(convert_to_rgb(image), dtype=np.uint8)[None]))
+                  for image in request.media.images()]
+        return text, images
+
+    def _add_vision(self, request: Request):
+        text, images = self._vision_prompt(request)
+        config = self.generation_config(request)
+        config.apply_chat_template = False  # the prompt is formatted already
+        self._handle_ids += 1
+        return self.pipeline.add_request(self._handle_ids, text, images, config)
+
+    def _steps(self) -> None:
+        while self.pipeline.has_non_finished_requests():
+            self.pipeline.step()
+
+    def _handle_output(self, handle) -> EngineOutput:
+        outputs = handle.read_all()
+        reasons = [("length" if o.finish_reason == self._genai.GenerationFinishReason.LENGTH
+                    else "stop" if o.finish_reason == self._genai.GenerationFinishReason.STOP else None)
+                   for o in outputs]
+        return EngineOutput(sequences=[[int(t) for t in o.generated_ids] for o in outputs], finish_reasons=reasons)
+
+    def _run_vision(self, requests: Sequence[Request], isolate_errors: bool
+                    ) -> Iterator[tuple[Request, EngineOutput]]:
+        """Chunks of ``max_num_seqs`` requests added to the pipeline (each one's images decoded and encoded then),
+        stepped until all finish. A request that cannot be added (its images gone, its prompt read otherwise than
+        HF's) is its own error under ``isolate_errors``."""
+        for start in range(0, len(requests), self.max_num_seqs):
+            added = []
+            for request in requests[start:start + self.max_num_seqs]:
+                try:
+                    added.append((request, self._add_vision(request)))
+                except Exception as error:
+                    if not isolate_errors:
+                        raise
+                    yield request, EngineOutput(error=f"{type(error).__name__}: {error}")
+            if not added:
+                continue
+            try:
+                self._steps()
+            except Exception as error:
+                if not isolate_errors:
+                    raise
+                logger.warning("OpenVINO step failed (%s): retrying %d requests one by one", error, len(added))
+                for request, _ in added:
+                    try:
+                        handle = self._add_vision(request)
+                        self._steps()
+                        yield request, self._handle_output(handle)
+                    except Exception as own_error:
+                        yield request, EngineOutput(error=f"{type(own_error).__name__}: {own_error}")
+                continue
+            self.stats.batches += 1
+            self.stats.batch_size = len(added)
+            for request, handle in added:
+                yield request, self._handle_output(handle)
 
 
 def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
