@@ -113,8 +113,9 @@ def build(name: str, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def _tree_rss() -> int:
-    """Resident bytes of this process and its descendants (engines may run helper processes)."""
+def _tree_rss(root: int | None = None) -> int:
+    """Resident bytes of process ``root`` (default: this one) and its descendants (engines may run helper
+    processes)."""
     parents: dict[int, int] = {}
     rss: dict[int, int] = {}
     page = os.sysconf("SC_PAGE_SIZE")
@@ -129,7 +130,7 @@ def _tree_rss() -> int:
             parents[int(entry)] = int(stat[1])
         except (OSError, IndexError, ValueError):
             continue
-    total, todo = 0, [os.getpid()]
+    total, todo = 0, [os.getpid() if root is None else root]
     while todo:
         pid = todo.pop()
         total += rss.get(pid, 0)

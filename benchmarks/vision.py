@@ -254,30 +254,6 @@ def throughput(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def tree_rss(root: int) -> int:
-    """Resident bytes of process ``root`` and its descendants (shapes._tree_rss, for another process)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/statm") as f:
-                rss[int(entry)] = int(f.read().split()[1]) * page
-            parents[int(entry)] = int(stat[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(child for child, parent in parents.items() if parent == pid)
-    return total
-
-
 def run_job(command: list[str], env: dict, interval: float = 0.02) -> tuple[int, float, int, str]:
     """Run ``command``; its exit code, wall time, the peak RSS of its process tree, and its stderr's tail."""
     stderr = tempfile.TemporaryFile(mode="w+")
@@ -289,7 +265,7 @@ def run_job(command: list[str], env: dict, interval: float = 0.02) -> tuple[int,
     def sample():
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, tree_rss(proc.pid))
+            peak = max(peak, _tree_rss(proc.pid))
             stop.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)

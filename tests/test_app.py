@@ -85,6 +85,18 @@ def server(gen, tmp_path_factory):
     yield from _serve(gen, tmp_path_factory.mktemp("app-cache"))
 
 
+def _fresh_page(browser, url):
+    """A page of the app at ``url`` in a browser context of its own (closed by the caller), and the list that
+    collects the context's requests leaving 127.0.0.1."""
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    outside = _outside_requests(context)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#chat-input textarea")
+    return context, page, outside
+
+
 @pytest.fixture(scope="module")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -378,12 +390,7 @@ def test_markup_in_the_chat_loads_nothing_from_outside(browser, server, tmp_path
     assert "connect-src 'self'" in policy and "object-src 'none'" in policy
     assert "content-security-policy" in httpx.get(server + "config").headers
 
-    context = browser.new_context(viewport={"width": 1200, "height": 1000})
-    outside = _outside_requests(context)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(server)
-    page.wait_for_selector("#chat-input textarea")
+    context, page, outside = _fresh_page(browser, server)
     chat_settings(page, max_new_tokens=3)
     send(page, HOSTILE)
     wait_for_answer(page, 1)
@@ -449,11 +456,7 @@ def test_a_finished_sessions_files_are_deleted(browser, server, tmp_path):
     source = tmp_path / "few.txt"
     source.write_text("Hello\nWhat is 2 + 2?\n")
     before = _app_folders()
-    context = browser.new_context(viewport={"width": 1200, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(server)
-    page.wait_for_selector("#chat-input textarea")
+    context, page, _ = _fresh_page(browser, server)
     run_batch(page, source, max_new_tokens=3)
     page.wait_for_selector("#batch-download a")
     href = page.get_attribute("#batch-download a", "href")
@@ -666,12 +669,7 @@ def test_chat_answers_a_question_about_an_uploaded_image(browser, vlm_server, vl
     import base64
 
     image = _image_file(tmp_path, 3, "photo.png")
-    context = browser.new_context(viewport={"width": 1200, "height": 1000})
-    outside = _outside_requests(context)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(vlm_server)
-    page.wait_for_selector("#chat-input textarea")
+    context, page, outside = _fresh_page(browser, vlm_server)
     chat_settings(page)
     page.locator("#chat-input input[type=file]").set_input_files(str(image))
     page.wait_for_selector("#chat-input img")  # the upload is done: its thumbnail is in the box
