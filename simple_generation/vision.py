@@ -31,6 +31,10 @@ IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 # answers equal unbatched HF ones). Others run their image prompts one at a time (exact, logged).
 BATCHED_MODEL_TYPES = frozenset({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma",
                                  "blip-2"})
+# Architectures the continuous engine runs with images (a prompt's pixels go into its prefill, positions are the
+# text's): checked equal to unbatched HF in tests/test_vision.py. Qwen2-VL (3-D rope positions from the image
+# grids), PaliGemma (a prefix-LM mask from token types) and BLIP-2 (query tokens) stay on the static engine.
+CONTINUOUS_IMAGE_TYPES = frozenset({"llava", "llava_next", "idefics3", "smolvlm"})
 # Processors whose pixel tensors are per prompt (dim 0 = prompts, dim 1 = that prompt's images): a batch pads the
 # image dimension with all-zero images, which these models drop (as their own processors pad a batch).
 PER_PROMPT_PIXELS = frozenset({"idefics2", "idefics3", "smolvlm"})

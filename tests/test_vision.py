@@ -68,17 +68,26 @@ def mixed_job(kind: str):
 
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k in QUICK_KINDS else pytest.mark.slow) for k in KINDS])
 def test_batched_greedy_answers_equal_unbatched_hf(kind, vlm_root):
+    from simple_generation.vision import CONTINUOUS_IMAGE_TYPES
+
     path = vlm(vlm_root, kind)
-    gen = SimpleGenerator(path, track_emissions=False)
     prompts, images = mixed_job(kind)
-    results = gen.generate(prompts, images=images, max_new_tokens=NEW, temperature=0, skip_prompt=True, batch_size=8)
-    assert gen.last_run.engine == "static" and gen.last_run.batches == 1  # one batch held every row
-    for prompt, found, result in zip(prompts, images, results):
-        found = [] if found is None else found if isinstance(found, list) else [found]
-        assert ids(result) == reference(path, prompt, found), (kind, prompt)
+    expected = [reference(path, prompt, [] if found is None else found if isinstance(found, list) else [found])
+                for prompt, found in zip(prompts, images)]
+    default = SimpleGenerator(path, track_emissions=False)  # engine="auto"
+    results = default.generate(prompts, images=images, max_new_tokens=NEW, temperature=0, skip_prompt=True)
+    model_type = default.config.model_type
+    assert default.last_run.engine == ("continuous" if model_type in CONTINUOUS_IMAGE_TYPES else "static")
+    assert [ids(r) for r in results] == expected, kind
+    static = SimpleGenerator(path, engine="static", track_emissions=False)
+    batched = static.generate(prompts, images=images, max_new_tokens=NEW, temperature=0, skip_prompt=True,
+                              batch_size=8)
+    assert static.last_run.batches == 1  # one batch held every row
+    assert [ids(r) for r in batched] == expected, kind
     # the same answers one prompt at a time
-    single = gen.generate(prompts, images=images, max_new_tokens=NEW, temperature=0, skip_prompt=True, batch_size=1)
-    assert [ids(r) for r in single] == [ids(r) for r in results]
+    single = static.generate(prompts, images=images, max_new_tokens=NEW, temperature=0, skip_prompt=True,
+                             batch_size=1)
+    assert [ids(r) for r in single] == expected, kind
 
 
 def test_image_parts_and_data_urls_are_the_same_prompt_as_images(llava, llava_gen, tmp_path):
@@ -174,13 +183,32 @@ def test_clear_errors_before_generation(llava, llama_path):
                                                            {"type": "text", "text": "Hi"}]}]], max_new_tokens=2)
     with pytest.raises(ValueError, match="image tokens"):
         SimpleGenerator(llava, system_prompt="vicuna_v1.1", track_emissions=False)
-    with pytest.raises(ValueError, match="image-text"):
-        SimpleGenerator(llava, engine="continuous", track_emissions=False)
     gen = SimpleGenerator(llava, track_emissions=False)
     with pytest.raises(ValueError, match="one per prompt"):
         gen.generate(["A", "B"], images=[make_image(1)], max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt_logprobs"):
         gen.generate(["A"], images=[make_image(1)], max_new_tokens=2, prompt_logprobs=0)
+
+
+def test_architectures_the_continuous_engine_cannot_run_fall_back_to_static(vlm_root):
+    path = vlm(vlm_root, "qwen2_vl")  # 3-D rope positions from the image grids: model.generate's
+    gen = SimpleGenerator(path, engine="continuous", track_emissions=False)
+    image = make_image(3)
+    result = gen.generate(["What is it?"], images=[image], max_new_tokens=NEW, temperature=0, skip_prompt=True)[0]
+    assert gen.last_run.engine == "static" and "qwen2_vl" in gen.last_run.engine_reason
+    assert ids(result) == reference(path, "What is it?", [image])
+
+
+def test_continuous_engine_keeps_image_prompts_out_of_the_prefix_cache(llava, llava_gen):
+    """The same expanded tokens with other pixels must never reuse a cached prefix: an image's tokens are one id."""
+    long_question = "Look closely at every part of this picture and describe it in detail. " * 3
+    a, b = make_image(51), make_image(52)
+    first = llava_gen.generate([long_question] * 2, images=[a, b], max_new_tokens=NEW, temperature=0,
+                               skip_prompt=True)
+    assert llava_gen.last_run.engine == "continuous" and llava_gen.last_run.prefix_cached_tokens == 0
+    assert [ids(r) for r in first] == [reference(llava, long_question, [a]), reference(llava, long_question, [b])]
+    again = llava_gen.generate([long_question], images=[b], max_new_tokens=NEW, temperature=0, skip_prompt=True)[0]
+    assert llava_gen.last_run.prefix_cached_tokens == 0 and ids(again) == ids(first[1])
 
 
 @pytest.mark.slow

@@ -167,6 +167,8 @@ class ContinuousEngine(EngineBase):
         "constraints": None, "force_words_ids": None, "max_time": None, "watermarking_config": None,
         "guidance_scale": 1,
     }
+    # feature: images: a prompt's pixels go into its prefill; decoding steps are text (vision.CONTINUOUS_IMAGE_TYPES)
+    supports_images = True
     KWARGS = ("max_slots", "max_batch_tokens", "refill_fraction", "kv_cache_memory_bytes", "kv_cache_memory_fraction",
               "prefix_cache", "prefix_cache_memory_bytes", "prefix_cache_memory_fraction")
     engine_kwargs = frozenset(KWARGS)
@@ -238,6 +240,11 @@ class ContinuousEngine(EngineBase):
             return "encoder-decoder models are not supported by the continuous engine"
         if getattr(model, "_is_stateful", False):
             return f"{type(model).__name__} keeps a recurrent state, not a KV cache"
+        from ..vision import CONTINUOUS_IMAGE_TYPES, is_vision_config
+
+        if is_vision_config(config) and config.model_type not in CONTINUOUS_IMAGE_TYPES:
+            return (f"image-text models of type {config.model_type!r} (their positions or attention depend on the "
+                    "images: 3-D rope, prefix-LM masks, query tokens)")
         supports = getattr(model, "_supports_default_dynamic_cache", None)
         if supports is not None and not supports():
             return f"{type(model).__name__} does not use transformers' DynamicCache"
@@ -315,10 +322,11 @@ class ContinuousEngine(EngineBase):
         """Where the inputs go (see :func:`~simple_generation.engines.base.input_device`)."""
         return input_device(self.model)
 
-    def forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        """One forward pass; the float32 logits of each row's last position, shape (rows, vocab)."""
+    def forward(self, input_ids, attention_mask, position_ids, cache, media: dict | None = None) -> torch.Tensor:
+        """One forward pass; the float32 logits of each row's last position, shape (rows, vocab). ``media``: the
+        rows' batched processor tensors (pixels, image sizes) of a prefill with images."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  self._cache_arg: cache, "use_cache": True}
+                  self._cache_arg: cache, "use_cache": True, **(media or {})}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         output = self.model(**kwargs)
@@ -357,9 +365,10 @@ class _Scheduler:
         self.hashes: dict[int, list[int]] = {}   # per request id: its full blocks' hashes (prefix cache on)
         self.wanted: set[int] = set()            # blocks that begin two or more prompts of this run
         self.pending: set[int] = set()           # blocks the chunk being built will compute and keep
-        if self.prefixes is not None:
-            self.wanted = shared_blocks([r.token_ids for r in queue])
-            self.hashes = {id(r): block_hashes(r.token_ids) for r in queue}
+        if self.prefixes is not None:  # feature: images: an image's tokens are the same ids whatever the pixels:
+            plain = [r for r in queue if r.media is None]  # prompts with images never share or keep blocks
+            self.wanted = shared_blocks([r.token_ids for r in plain])
+            self.hashes = {id(r): block_hashes(r.token_ids) for r in plain}
         self.waiting: deque[Request] = deque(self._order(queue))
         self.rows: list[_Row] = []
         self.cache: SlotCache | None = None
@@ -383,6 +392,9 @@ class _Scheduler:
         claimed: set[int] = set()
         computed = {}
         for request in sorted(queue, key=lambda r: -len(r.token_ids)):
+            if id(request) not in self.hashes:  # a prompt with images: computed whole
+                computed[id(request)] = len(request.token_ids)
+                continue
             usable = self.hashes[id(request)][:(len(request.token_ids) - 1) // BLOCK_SIZE]
             shared = next((k for k, value in enumerate(usable) if value not in self.wanted), len(usable))
             cached = len(self.prefixes.match(request.token_ids))
@@ -464,7 +476,8 @@ class _Scheduler:
             self.pending = set()
             while self.waiting:
                 request = self.waiting[0]
-                path = self.prefixes.match(request.token_ids) if self.prefixes is not None else []
+                path = self.prefixes.match(request.token_ids) if self.prefixes is not None and request.media is None \
+                    else []
                 need, length = self._rows_needed(request), len(request.token_ids) - BLOCK_SIZE * len(path)
                 if batch:
                     wide = max(width, length)
@@ -474,7 +487,9 @@ class _Scheduler:
                     if (rows + need > free or wide * (len(batch) + 1) > self.engine.max_batch_tokens
                             or (cached + wide) * (rows + need) > PREFILL_CACHE_FACTOR * self.engine.max_batch_tokens
                             or abs(width - length) > max(8, wide // 4) or not self._fits(batch + [request])
-                            or self._waits_for_chunk(request, path, length)):
+                            or self._waits_for_chunk(request, path, length)
+                            # feature: images: a chunk with images has no cached prefixes (its rows are whole)
+                            or (request.media is not None and columns) or (path and any(r.media for r in batch))):
                         break
                 batch.append(self.waiting.popleft())
                 paths.append(path)
@@ -542,8 +557,10 @@ class _Scheduler:
             cache = DynamicCache(ddp_cache_data=self.prefixes.gather(paths, blocks))
         else:
             cache = DynamicCache()
+        media = self._media(ready, [len(tail) for tail in tails], width) if any(r.media for r in ready) else None
         logits = self.engine.forward(input_ids.to(self.device), mask.to(self.device), positions.to(self.device),
-                                     cache)
+                                     cache, media)
+        del media
         self.engine.stats.batches += 1
         self.engine.stats.forward_passes += 1
         self.engine.stats.prompt_tokens += sum(len(r.token_ids) for r in ready)
@@ -588,6 +605,16 @@ class _Scheduler:
                 lengths = lengths.index_select(0, keep_index)
             self._merge([new_rows[i] for i in keep], cache, mask.to(self.device), lengths.to(self.device))
         self._collect(tasks)
+
+    def _media(self, batch: list[Request], lengths: list[int], width: int) -> dict[str, torch.Tensor]:
+        """The chunk's processor tensors (feature: images), loaded now and batched as its left-padded rows."""
+        from ..vision import collate
+
+        model = self.engine.model
+        tensors = collate([r.media.tensors() if r.media is not None else None for r in batch], lengths, width,
+                          model.config.model_type)
+        return {k: (v.to(self.device, dtype=model.dtype) if v.is_floating_point() else v.to(self.device))
+                if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
 
     def _make_row(self, task: _Task, seq: int) -> _Row:
         request = task.request

@@ -61,10 +61,10 @@ def engine_order(requested: str, is_encoder_decoder: bool, is_vision: bool = Fal
     for encoder-decoders. A named HF engine other than static falls back to static; an engine with its
     own runtime has no fallback.
     """
-    if is_vision:  # feature: images: model.generate takes the pixel tensors; our continuous scheduler does not yet
+    if is_vision:  # feature: images: engines that take the prompts' images (static: any; continuous: some types)
         if requested == "auto":
-            return ["static"], "auto: static batching (an image-text model: the continuous engine does not take " \
-                               "images yet)"
+            return ["continuous", "static"], "auto: continuous batching for an image-text model (static batching " \
+                                             "where its architecture needs model.generate)"
         if not engine_class(requested).supports_images:
             raise ValueError(f"engine={requested!r} does not run image-text-to-text models yet: use engine='static' "
                              "or 'auto'.")
