@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import MODELS, WORDS, PeakRSS, _tree_rss  # noqa: E402
 
-from tests.vlm_models import CHAT_TEMPLATES, build_vlm, make_image  # noqa: E402
+from tests.vlm_models import CHAT_TEMPLATES, build_vlm, make_image, save_atomically  # noqa: E402
 
 IMAGE_SIZE = (512, 512)
 SUBJECTS = ("picture", "image", "photo", "scene", "color scheme", "background", "top left corner", "light",
@@ -122,16 +122,7 @@ def build_llava(path: Path) -> Path:
     model.generation_config.eos_token_id = None   # every answer runs to its budget
     model.generation_config.pad_token_id = 2
     model.generation_config.bos_token_id = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
-    try:
-        processor.save_pretrained(staging)
-        model.save_pretrained(staging)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_atomically(path, lambda folder: (processor.save_pretrained(folder), model.save_pretrained(folder)))
     return path
 
 

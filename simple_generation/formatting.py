@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from .images import IMAGE_PART_TYPES
 from .templates import get_template, render_conversation
 
 logger = logging.getLogger("simple_generation")
@@ -88,7 +89,7 @@ def _validate_messages(messages: Sequence[Any], where: str) -> None:
 
 def _is_part_list(content: Any) -> bool:
     return isinstance(content, list) and all(
-        isinstance(part, dict) and (part.get("type") in ("image", "image_url", "input_image")
+        isinstance(part, dict) and (part.get("type") in IMAGE_PART_TYPES
                                     or (part.get("type") == "text" and isinstance(part.get("text"), str)))
         for part in content)
 

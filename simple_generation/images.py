@@ -40,9 +40,13 @@ from urllib.parse import unquote, unquote_to_bytes, urlparse
 
 from .errors import ImageError
 
-__all__ = ["ImageError", "MAX_REMOTE_BYTES", "REMOTE_TIMEOUT_S", "describe_source", "image_kind", "is_image_source",
-           "load_image", "looks_like_base64", "pixel_digest", "resolve_path"]
+__all__ = [
+    "IMAGE_PART_TYPES", "ImageError", "MAX_REMOTE_BYTES", "REMOTE_TIMEOUT_S", "describe_source", "image_kind",
+    "is_image_source", "load_image", "looks_like_base64", "pixel_digest", "resolve_path",
+]
 
+# the types of chat content parts that hold an image (ours, OpenAI Chat's and the Responses API's)
+IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 REMOTE_TIMEOUT_S = 30.0
 MAX_REMOTE_BYTES = 50 * 1024 * 1024
 REMOTE_HINT = "pass allow_remote_images=True (CLI: --allow-remote-images)"

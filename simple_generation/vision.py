@@ -10,7 +10,8 @@ called again when the request's batch runs, so a call never holds every image's 
 
 Example:
     >>> vision = VisionInputs(processor, config)                               # doctest: +SKIP
-    >>> ids, digests, load = vision.process(text, [Image.open("cat.png")], "texts[0]")   # doctest: +SKIP
+    >>> prompt = vision.process(text, [Image.open("cat.png")], "texts[0]")    # doctest: +SKIP
+    >>> prompt.token_ids, prompt.digests, prompt.media.tensors()                # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ImageError
+from .images import IMAGE_PART_TYPES
 
 logger = logging.getLogger("simple_generation")
 
-IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 
 # Architectures whose processor output was checked to batch row by row (tests/test_vision.py: batched greedy
 # answers equal unbatched HF ones). Others run their image prompts one at a time (exact, logged).
@@ -249,6 +250,17 @@ def _quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def model_inputs(rows: Sequence[dict[str, Any] | None], lengths: Sequence[int], width: int, model: Any,
+                 device: Any) -> dict[str, Any]:
+    """:func:`collate` the rows' tensors for ``model`` and move them to ``device``, floating ones (pixels) in the
+    model's dtype."""
+    import torch
+
+    batch = collate(rows, lengths, width, model.config.model_type)
+    return {k: (v.to(device, dtype=model.dtype) if v.is_floating_point() else v.to(device))
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def collate(rows: Sequence[dict[str, Any] | None], lengths: Sequence[int], width: int, model_type: str

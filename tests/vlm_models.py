@@ -380,20 +380,30 @@ def build_vlm(kind: str, path: str | Path) -> str:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.max_length = None
+
+    def save(folder: Path) -> None:
+        if processor is None:
+            _save_processor_files(kind, image_processor, tokenizer, folder)
+        else:
+            processor.save_pretrained(folder)
+        model.save_pretrained(folder)
+
+    save_atomically(path, save)
+    return str(path)
+
+
+def save_atomically(path: Path, save) -> None:
+    """``save(folder)`` into a staging folder beside ``path``, then renamed to ``path`` (a run killed while saving
+    leaves no half-written checkpoint where a later run would take it as built)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
     try:
-        if processor is None:
-            _save_processor_files(kind, image_processor, tokenizer, staging)
-        else:
-            processor.save_pretrained(staging)
-        model.save_pretrained(staging)
+        save(staging)
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return str(path)
 
 
 # --- inputs and the unbatched reference -----------------------------------------------------------------------------

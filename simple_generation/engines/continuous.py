@@ -608,13 +608,10 @@ class _Scheduler:
 
     def _media(self, batch: list[Request], lengths: list[int], width: int) -> dict[str, torch.Tensor]:
         """The chunk's processor tensors (feature: images), loaded now and batched as its left-padded rows."""
-        from ..vision import collate
+        from ..vision import model_inputs
 
-        model = self.engine.model
-        tensors = collate([r.media.tensors() if r.media is not None else None for r in batch], lengths, width,
-                          model.config.model_type)
-        return {k: (v.to(self.device, dtype=model.dtype) if v.is_floating_point() else v.to(self.device))
-                if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+        return model_inputs([r.media.tensors() if r.media is not None else None for r in batch], lengths, width,
+                            self.engine.model, self.device)
 
     def _make_row(self, task: _Task, seq: int) -> _Row:
         request = task.request

@@ -187,15 +187,12 @@ class StaticEngine(EngineBase):
         return outputs
 
     def _media(self, requests: Sequence[Request], rows_per_request: int, width: int) -> dict[str, torch.Tensor]:
-        from ..vision import collate
+        from ..vision import model_inputs
 
         loaded = [r.media.tensors() if r.media is not None else None for r in requests]
         rows = [media for media in loaded for _ in range(rows_per_request)]
         lengths = [len(r.token_ids) for r in requests for _ in range(rows_per_request)]
-        batch = collate(rows, lengths, width, self.model_type)
-        device, dtype = self.input_device, self.model.dtype
-        return {k: (v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device))
-                if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return model_inputs(rows, lengths, width, self.model, self.input_device)
 
     @staticmethod
     def _add_logprobs(requests: Sequence[Request], outputs: list[EngineOutput], logits: tuple[torch.Tensor, ...],

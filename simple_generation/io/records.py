@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
-from ..images import image_kind, resolve_path
+from ..images import IMAGE_PART_TYPES, image_kind, resolve_path
 from ..sampling_params import GENERATION_CONFIG_FIELDS, PER_PROMPT_KEYS, SamplingParams
 
 # Names of the output record's own columns; a carried field with one of these names is kept as `input_<name>`.
@@ -62,7 +62,6 @@ class InputRecord:
 # ---------------------------------------------------------------------------------------------- images
 IMAGE_FIELDS = ("image", "images")
 IMAGE_PLACEHOLDER = "<image>"  # an image part in prompt_text
-IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 
 
 def _resolved(source: Any, base: str | os.PathLike | None) -> Any:
