@@ -147,11 +147,9 @@ class SimpleGenerator:
                                             **tokenizer_kwargs)
             if runtime_vision:  # the engine takes the images; prompts are still formatted and keyed here
                 from .loading import load_processor
-                from .vision import VisionInputs
 
                 self.processor = load_processor(tokenizer_name_or_path or model_name_or_path, self.tokenizer,
                                                 **tokenizer_kwargs)
-                self.vision = VisionInputs(self.processor, config, allow_remote=allow_remote_images)
             self.model = None
             self.config = config
             self.placement = engine
@@ -186,12 +184,8 @@ class SimpleGenerator:
             dtype = self.model.dtype
             quantization = loaded.quantization
             self.processor = loaded.processor
-            if self.processor is not None:
-                from .vision import VisionInputs
-
-                self.vision = VisionInputs(self.processor, self.config, allow_remote=allow_remote_images)
             fast = None  # the fast engines "auto" may move calls to (engines/fast.py)
-            if engine == "auto" and self.vision is None:
+            if engine == "auto" and self.processor is None:
                 fast = FastEngines.for_model(
                     self.model, placement=loaded.placement, quantization=loaded.quantization, compiled=loaded.compiled,
                     world_size=self.distribution.world_size, is_encoder_decoder=self.is_encoder_decoder,
@@ -200,7 +194,7 @@ class SimpleGenerator:
                     prefix_cache=engine_kwargs.get("prefix_cache", True))
             self.router = EngineRouter.for_model(engine, EngineContext(
                 model_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer, config=self.config,
-                is_encoder_decoder=self.is_encoder_decoder, model=self.model, is_vision=self.vision is not None),
+                is_encoder_decoder=self.is_encoder_decoder, model=self.model, is_vision=self.processor is not None),
                 engine_kwargs=engine_kwargs, fast=fast)
             self.engine = self.router.default  # static: always there to fall back on
             logger.info(
@@ -211,6 +205,10 @@ class SimpleGenerator:
                 "yes (static KV cache)" if loaded.compiled else "no", loaded.attention or "default",
                 self.router.preferred, self.router.reason,
             )
+        if self.processor is not None:  # feature: images: the processor's side of image-text models
+            from .vision import VisionInputs
+
+            self.vision = VisionInputs(self.processor, self.config, allow_remote=allow_remote_images)
         if self.vision is not None and system_prompt is not None:
             raise ValueError("system_prompt names a text template, which does not know where this image-text model's "
                              "image tokens go: drop it (the processor's chat template places them; system_message= "
